@@ -29,6 +29,7 @@ setuptools.setup(
         # Input pipelines (TFDS sources, image folders) and clu's TensorBoard writer.
         "tensorflow-cpu>=2.16,<2.22",
         "tensorflow-datasets>=4.9.6,<5",
+        "tensorboard>=2.16,<2.22",
         "dm-pix>=0.4.3,<0.5",
         "scikit-learn>=1.4,<2",  # bundled digits data set for the default run
         "pillow>=10,<14",

@@ -1,0 +1,101 @@
+"""Confusion matrices accumulated exactly from (padded) batches.
+
+`confusion[i, j]` counts examples of true class `i` predicted as class `j` (rows = true
+class). Counts are accumulated as `int32`, so a single call, a sum of per-batch matrices
+and a `jax.lax.psum` across devices are all exact as long as no cell (and, if you sum
+the matrix, no total) exceeds `2**31 - 1` examples. Float32 accumulation would silently
+stop counting at `2**24` (16.7M) examples per cell; `tests/test_confusion.py` checks a
+cell past that point. Normalise to fractions only once, at the end (the metrics in
+`selmix_jax.metrics` accept counts or fractions alike).
+
+Padding: evaluation batches are padded to a fixed size; pass `mask=False` for the padded
+rows and they are not counted. Labels or predictions outside `[0, num_classes)` are not
+counted either (under `jit` there is no way to raise), so a `-1` label is another way to
+mark padding.
+
+Implementation note: `confusion_matrix` is a scatter-add into the flattened `[K * K]`
+matrix at `label * K + pred`. On a 2-core CPU with N = 10**6 it takes ~0.6 ms (K = 10,
+100) to ~3 ms (K = 1000); a 2-D scatter `.at[labels, preds]` was 1.2-12x slower (it
+serialises on the few hot cells when K is small) and a one-hot matmul costs O(N K^2)
+(55 ms at K = 10, 330 ms at K = 100, and is inexact in float32 past 2**24).
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def _flat_valid(labels, mask, num_classes):
+  """Flattens labels (and an optional mask) and returns the per-example validity."""
+  labels = jnp.asarray(labels).reshape(-1)
+  valid = (labels >= 0) & (labels < num_classes)
+  if mask is not None:
+    valid &= jnp.asarray(mask, dtype=bool).reshape(-1)
+  return labels, valid
+
+
+def confusion_matrix(
+  labels: jax.Array,
+  preds: jax.Array,
+  num_classes: int,
+  *,
+  mask: jax.Array | None = None,
+) -> jax.Array:
+  """Counts (true class, predicted class) pairs.
+
+  Args:
+    labels: `[...]` integer true classes.
+    preds: `[...]` integer predicted classes, same shape as `labels`.
+    num_classes: K, a static Python int.
+    mask: optional `[...]` boolean validity (`False` for padding rows, which are not
+      counted). Examples whose label or prediction lies outside `[0, K)` are not counted.
+
+  Returns:
+    `[K, K]` int32 counts, rows = true class, columns = predicted class. Exact up to
+    `2**31 - 1` examples per cell.
+  """
+  num_classes = int(num_classes)
+  labels, valid = _flat_valid(labels, mask, num_classes)
+  preds = jnp.asarray(preds).reshape(-1)
+  if labels.shape != preds.shape:
+    raise ValueError(f"labels {labels.shape} and preds {preds.shape} differ in size.")
+  valid &= (preds >= 0) & (preds < num_classes)
+  size = num_classes * num_classes
+  # Invalid examples point one past the end and are dropped by the scatter; this keeps
+  # the update a scalar 1 (faster than scattering a weight per example).
+  flat = jnp.where(valid, labels.astype(jnp.int32) * num_classes + preds.astype(jnp.int32), size)
+  counts = jnp.zeros((size,), jnp.int32).at[flat].add(1, mode="drop")
+  return counts.reshape(num_classes, num_classes)
+
+
+def soft_confusion_matrix(
+  labels: jax.Array,
+  probs: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+) -> jax.Array:
+  """Expected confusion counts `sum_n onehot(y_n)^T probs_n`, differentiable in `probs`.
+
+  Computed as a segment sum of the probability rows by true class, O(N K) rather than
+  the O(N K^2) of a one-hot matmul.
+
+  Args:
+    labels: `[...]` integer true classes.
+    probs: `[..., K]` predicted class probabilities (or any non-negative weights).
+    mask: optional `[...]` boolean validity; masked rows (and labels outside `[0, K)`)
+      contribute nothing, in value and in gradient.
+
+  Returns:
+    `[K, K]` float counts (dtype of `probs`), rows = true class. Row sums are the
+    per-class example counts when each `probs` row sums to 1. Accumulation is in the
+    float dtype of `probs` (relative rounding error ~ N * 2**-24 in float32); use
+    `confusion_matrix` for exact counts.
+  """
+  probs = jnp.asarray(probs)
+  num_classes = probs.shape[-1]
+  labels, valid = _flat_valid(labels, mask, num_classes)
+  probs = probs.reshape(-1, num_classes)
+  if labels.shape[0] != probs.shape[0]:
+    raise ValueError(f"{labels.shape[0]} labels but {probs.shape[0]} probability rows.")
+  rows = jnp.where(valid[:, None], probs, jnp.zeros_like(probs))
+  segment = jnp.where(valid, labels, 0).astype(jnp.int32)
+  return jax.ops.segment_sum(rows, segment, num_segments=num_classes)

@@ -1,0 +1,397 @@
+"""Non-decomposable objectives `psi(C; multipliers)` of SPEC §3, behind one registry.
+
+Usage::
+
+  obj = objectives.get("min_recall", omega=50.0)
+  multipliers = obj.init_multipliers(num_classes)            # [K] here; (0,) if none
+  multipliers = obj.update_multipliers(multipliers, val_confusion)   # at each refresh
+  gain_weights = jax.grad(obj.value)(val_confusion, multipliers)     # M = d psi / d C
+  obj.target(val_confusion)  # {'target': min recall}
+
+`value` is the differentiable `psi` the gain module differentiates (multipliers held
+fixed); `target` is the reported metric, plus constraint status for constrained
+objectives: `constraint_satisfied` (bool, one per constraint), `all_constraints_satisfied`
+(bool scalar) and `constraint_gap` = min over constraints of (coverage - alpha / K)
+(>= 0 iff all hold). Every method is a pure jnp function, callable inside `jit`;
+hyperparameters are Python floats captured in closures. `confusion` may be counts or
+fractions: `value` normalises it to fractions (sum 1) first, so its gradient is that of
+`psi` at the fraction matrix, divided by the total count.
+
+Recalls follow the absent-class rule of `selmix_jax.metrics` (a class without
+validation examples is left out of recall aggregates, and gets multiplier 0 in
+`min_recall`; a head/tail group without present classes gets multiplier 0 and
+contributes 0 to psi). Coverage constraints apply to every class. An all-zero
+confusion matrix leaves the multipliers unchanged.  Note that `gmean` and `hmean` are exactly 0 with a
+zero gradient while some present class has zero validation recall (the true gradient
+is infinite or undefined there), so their gains vanish in that regime.
+
+A new objective is one function of the confusion matrix::
+
+  objectives.register("accuracy", metrics.accuracy)
+  obj = objectives.get("accuracy")
+
+Hyperparameters given to `get` for a registered function are passed to it as keyword
+arguments. `get` accepts the shared hyperparameter names (`omega`, `beta`, `alpha`,
+`tau`, `multiplier_max`, `head_mask`) for every built-in objective, so a trainer can pass
+one config block whatever the objective; names a built-in does not use are ignored.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from selmix_jax import metrics
+
+Array = jax.Array
+
+DEFAULT_HPARAMS = {
+  "omega": 50.0,
+  "beta": 0.0,
+  "alpha": 0.95,
+  "tau": 0.01,
+  "multiplier_max": 100.0,
+  "head_mask": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """An objective: pure callables plus its name.
+
+  Attributes:
+    name: registry name.
+    value: `(confusion [K, K], multipliers) -> scalar` differentiable psi.
+    target: `confusion [K, K] -> dict` with the reported `target` scalar (and
+      constraint status for constrained objectives).
+    init_multipliers: `num_classes -> array`, shape `(0,)` when there are none.
+    update_multipliers: `(multipliers, confusion) -> array`, the refresh rule.
+  """
+
+  name: str
+  value: Callable[[Array, Array], Array]
+  target: Callable[[Array], dict[str, Array]]
+  init_multipliers: Callable[[int], Array]
+  update_multipliers: Callable[[Array, Array], Array]
+
+
+_FACTORIES: dict[str, Callable[..., Objective]] = {}
+
+
+def names() -> list[str]:
+  """Registered objective names, built-ins first in SPEC order."""
+  return list(_FACTORIES)
+
+
+def get(name: str, **hparams: Any) -> Objective:
+  """Builds the objective `name` with keyword hyperparameters.
+
+  Args:
+    name: a registered name (see `names()`).
+    **hparams: for built-ins, any of `omega`, `beta`, `alpha`, `tau`,
+      `multiplier_max`, `head_mask` (defaults from SPEC §3, unused ones ignored); for a
+      registered function, keyword arguments bound to it.
+
+  Returns:
+    The `Objective`.
+
+  Raises:
+    ValueError: unknown name or, for a built-in, an unknown hyperparameter.
+  """
+  if name not in _FACTORIES:
+    raise ValueError(f"Unknown objective {name!r}; known objectives: {', '.join(names())}.")
+  return _FACTORIES[name](**hparams)
+
+
+def register(
+  name: str,
+  value_fn: Callable[..., Array],
+  *,
+  target_fn: Callable[..., Array] | None = None,
+  init_multipliers_fn: Callable[[int], Array] | None = None,
+  update_multipliers_fn: Callable[[Array, Array], Array] | None = None,
+  overwrite: bool = False,
+) -> None:
+  """Registers a user objective.
+
+  Without multiplier functions, `value_fn(confusion, **hparams) -> scalar` is a plain
+  function of the fraction matrix and the objective has no multipliers. With them,
+  `value_fn(confusion, multipliers, **hparams)` and the two functions define the
+  multiplier state.
+
+  Args:
+    name: new registry name.
+    value_fn: the psi to differentiate (receives fractions, `sum C = 1`).
+    target_fn: `confusion -> scalar` (or a dict with a `target` key), the reported
+      target; default `value_fn` (required when there are multipliers).
+    init_multipliers_fn: `num_classes -> array`.
+    update_multipliers_fn: `(multipliers, confusion) -> array`.
+    overwrite: allow replacing an existing name.
+
+  Raises:
+    ValueError: duplicate name (unless `overwrite`), only one multiplier function, or
+      multipliers without a `target_fn`.
+  """
+  if name in _FACTORIES and not overwrite:
+    raise ValueError(
+      f"Objective {name!r} is already registered; pick another name or pass overwrite=True."
+    )
+  if (init_multipliers_fn is None) != (update_multipliers_fn is None):
+    raise ValueError("Give both init_multipliers_fn and update_multipliers_fn, or neither.")
+  has_multipliers = init_multipliers_fn is not None
+  if has_multipliers and target_fn is None:
+    raise ValueError(f"Objective {name!r} has multipliers, so it needs a target_fn.")
+
+  def factory(**hparams):
+    fn = functools.partial(value_fn, **hparams)
+
+    def value(c, m):
+      return fn(_normalise(c), m) if has_multipliers else fn(_normalise(c))
+
+    if has_multipliers:
+      init, update = init_multipliers_fn, update_multipliers_fn
+    else:
+      init, update = _no_multipliers, _keep_multipliers
+    report = target_fn or fn
+
+    def target(c):
+      out = report(_normalise(c))
+      return dict(out) if isinstance(out, dict) else {"target": out}
+
+    return Objective(name, value, target, init, update)
+
+  _FACTORIES[name] = factory
+
+
+def _register_builtin(name):
+  """Decorator for a built-in factory taking the shared keyword hyperparameters."""
+
+  def decorate(build):
+    def factory(**hparams):
+      unknown = set(hparams) - set(DEFAULT_HPARAMS)
+      if unknown:
+        raise ValueError(
+          f"Unknown hyperparameters {sorted(unknown)} for objective {name!r}; "
+          f"known: {sorted(DEFAULT_HPARAMS)}."
+        )
+      merged = {**DEFAULT_HPARAMS, **hparams}
+      for key in ("omega", "beta", "alpha", "tau", "multiplier_max"):
+        merged[key] = float(merged[key])
+      return build(name, **merged)
+
+    _FACTORIES[name] = factory
+    return build
+
+  return decorate
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _safe_div(num: Array, den: Array, fill: float) -> Array:
+  """`num / den` where `den > 0`, else `fill`; NaN-free in value and gradient."""
+  ok = den > 0
+  return jnp.where(ok, num / jnp.where(ok, den, 1), fill)
+
+
+def _normalise(confusion: Array) -> Array:
+  """Counts or fractions -> fractions summing to 1 (all zeros for an empty matrix)."""
+  confusion = jnp.asarray(confusion)
+  confusion = confusion.astype(jnp.result_type(confusion.dtype, jnp.float32))
+  return _safe_div(confusion, confusion.sum((-2, -1), keepdims=True), 0.0)
+
+
+def _no_multipliers(num_classes: int) -> Array:
+  del num_classes
+  return jnp.zeros((0,), jnp.float32)
+
+
+def _keep_multipliers(multipliers: Array, confusion: Array) -> Array:
+  del confusion
+  return multipliers
+
+
+def _zero_if_nan(x: Array) -> Array:
+  """Replaces an undefined (NaN) aggregate by 0, with zero gradient there."""
+  return jnp.where(jnp.isnan(x), 0.0, x)
+
+
+def _masked_softmax(logits: Array, where: Array) -> Array:
+  """Softmax over the last axis restricted to `where`; 0 elsewhere."""
+  logits = jnp.where(where, logits, -jnp.inf)
+  shift = jnp.where(where.any(-1, keepdims=True), logits.max(-1, keepdims=True), 0.0)
+  weights = jnp.where(where, jnp.exp(logits - shift), 0.0)
+  return _safe_div(weights, weights.sum(-1, keepdims=True), 0.0)
+
+
+def _coverage_multipliers(coverage: Array, *, threshold: float, tau: float, lmax: float):
+  """`max(0, lmax (1 - exp((cov - threshold) / tau)))`, overflow-free."""
+  arg = jnp.minimum((coverage - threshold) / tau, 0.0)  # arg > 0 gives <= 0 anyway.
+  return lmax * jnp.maximum(-jnp.expm1(arg), 0.0)
+
+
+def _head_tail_coverage_fn(head_mask):
+  """`confusion [..., K, K] -> [..., 2]` mean coverage of the head and of the tail classes."""
+
+  def coverage_fn(confusion):
+    head = metrics.resolve_head_mask(confusion.shape[-1], head_mask)
+    cov = metrics.coverages(confusion)
+    means = [_safe_div((cov * g).sum(-1), g.sum(-1), jnp.nan) for g in (head, ~head)]
+    return jnp.stack(means, axis=-1)
+
+  return coverage_fn
+
+
+def _unconstrained(name, base_fn, init, update, value_fn=None):
+  value_fn = value_fn or (lambda c, m: base_fn(c))
+  return Objective(
+    name=name,
+    value=lambda c, m: value_fn(_normalise(c), m),
+    target=lambda c: {"target": base_fn(_normalise(c))},
+    init_multipliers=init,
+    update_multipliers=update,
+  )
+
+
+# ------------------------------------------------------------------------- built-ins
+
+
+@_register_builtin("mean_recall")
+def _mean_recall(name, **unused):
+  del unused
+  return _unconstrained(name, metrics.mean_recall, _no_multipliers, _keep_multipliers)
+
+
+@_register_builtin("min_recall")
+def _min_recall(name, *, omega, beta, **unused):
+  """psi = sum_i lambda_i r_i; lambda_i ∝ lambda_i^beta exp(-omega r_i) on the simplex."""
+  del unused
+
+  def init(num_classes):
+    return jnp.full((num_classes,), 1.0 / num_classes, jnp.float32)
+
+  def update(multipliers, confusion):
+    present = metrics.present_classes(confusion)
+    logits = -omega * metrics.recalls(confusion, absent_value=0.0)
+    if beta != 0.0:
+      positive = multipliers > 0
+      log_m = jnp.log(jnp.where(positive, multipliers, 1.0))
+      logits = jnp.where(positive, logits + beta * log_m, -jnp.inf)
+      present &= positive
+    new = _masked_softmax(logits, present)
+    return jnp.where(present.any(-1, keepdims=True), new, multipliers)
+
+  def value(c, multipliers):
+    return (multipliers * metrics.recalls(c, absent_value=0.0)).sum(-1)
+
+  return _unconstrained(name, metrics.min_recall, init, update, value)
+
+
+@_register_builtin("min_head_tail_recall")
+def _min_head_tail_recall(name, *, omega, head_mask, **unused):
+  """psi = lambda_H mean_H r + lambda_T mean_T r; lambda = softmax(-omega means)."""
+  del unused
+
+  def means(c):
+    return jnp.stack(metrics.head_tail_recalls(c, head_mask=head_mask), axis=-1)
+
+  def init(num_classes):
+    del num_classes
+    return jnp.full((2,), 0.5, jnp.float32)
+
+  def update(multipliers, confusion):
+    m = means(confusion)
+    defined = ~jnp.isnan(m)
+    new = _masked_softmax(-omega * _zero_if_nan(m), defined)
+    return jnp.where(defined.any(-1, keepdims=True), new, multipliers)
+
+  def value(c, multipliers):
+    return (multipliers * _zero_if_nan(means(c))).sum(-1)
+
+  base = functools.partial(metrics.min_head_tail_recall, head_mask=head_mask)
+  return _unconstrained(name, base, init, update, value)
+
+
+@_register_builtin("gmean")
+def _gmean(name, **unused):
+  del unused
+  return _unconstrained(name, metrics.gmean_recall, _no_multipliers, _keep_multipliers)
+
+
+@_register_builtin("hmean")
+def _hmean(name, **unused):
+  del unused
+  return _unconstrained(name, metrics.hmean_recall, _no_multipliers, _keep_multipliers)
+
+
+def _constrained(name, base_fn, coverage_fn, num_constraints, *, alpha, tau, multiplier_max):
+  """`(base + sum_k lambda_k (cov_k - alpha/K)) / (1 + max lambda)` for cov_k in coverage_fn."""
+
+  def threshold(c):
+    return alpha / c.shape[-1]
+
+  def init(num_classes):
+    return jnp.zeros((num_constraints(num_classes),), jnp.float32)
+
+  def update(multipliers, confusion):
+    cov = coverage_fn(_normalise(confusion))
+    new = _coverage_multipliers(cov, threshold=threshold(confusion), tau=tau, lmax=multiplier_max)
+    return jnp.where(jnp.isnan(cov), multipliers, new)  # An empty matrix changes nothing.
+
+  def value(confusion, multipliers):
+    c = _normalise(confusion)
+    gaps = coverage_fn(c) - threshold(c)
+    total = base_fn(c) + (multipliers * gaps).sum(-1)
+    return total / (1.0 + multipliers.max(-1, initial=0.0))
+
+  def target(confusion):
+    c = _normalise(confusion)
+    gaps = coverage_fn(c) - threshold(c)
+    satisfied = gaps >= 0
+    return {
+      "target": base_fn(c),
+      "constraint_satisfied": satisfied,
+      "all_constraints_satisfied": satisfied.all(-1),
+      "constraint_gap": gaps.min(-1),
+    }
+
+  return Objective(name, value, target, init, update)
+
+
+@_register_builtin("mean_recall_min_coverage")
+def _mean_recall_min_coverage(name, *, alpha, tau, multiplier_max, **unused):
+  del unused
+  return _constrained(
+      name, metrics.mean_recall, metrics.coverages, lambda k: k,
+      alpha=alpha, tau=tau, multiplier_max=multiplier_max,
+  )  # fmt: skip
+
+
+@_register_builtin("hmean_min_coverage")
+def _hmean_min_coverage(name, *, alpha, tau, multiplier_max, **unused):
+  del unused
+  return _constrained(
+      name, metrics.hmean_recall, metrics.coverages, lambda k: k,
+      alpha=alpha, tau=tau, multiplier_max=multiplier_max,
+  )  # fmt: skip
+
+
+@_register_builtin("mean_recall_head_tail_coverage")
+def _mean_recall_head_tail_coverage(name, *, alpha, tau, multiplier_max, head_mask, **unused):
+  del unused
+  return _constrained(
+      name, metrics.mean_recall, _head_tail_coverage_fn(head_mask), lambda k: 2,
+      alpha=alpha, tau=tau, multiplier_max=multiplier_max,
+  )  # fmt: skip
+
+
+@_register_builtin("hmean_head_tail_coverage")
+def _hmean_head_tail_coverage(name, *, alpha, tau, multiplier_max, head_mask, **unused):
+  del unused
+  return _constrained(
+      name, metrics.hmean_recall, _head_tail_coverage_fn(head_mask), lambda k: 2,
+      alpha=alpha, tau=tau, multiplier_max=multiplier_max,
+  )  # fmt: skip

@@ -1,0 +1,137 @@
+"""Tests for selmix_jax.confusion: exact counts, masking, soft counts, psum across devices."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn import metrics as sk_metrics
+
+from selmix_jax import confusion
+
+
+def test_hand_checked_literal():
+  labels = jnp.array([0, 0, 1, 2, 2, 2, 1])
+  preds = jnp.array([0, 1, 1, 2, 0, 2, 1])
+  expected = np.array([[1, 1, 0], [0, 2, 0], [1, 0, 2]])
+  got = confusion.confusion_matrix(labels, preds, 3)
+  assert got.dtype == jnp.int32
+  np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("num_classes", [2, 7, 50])
+def test_matches_sklearn(num_classes):
+  rng = np.random.default_rng(num_classes)
+  # Long-tailed labels, noisy predictions; some classes may be absent.
+  prior = 0.7 ** np.arange(num_classes)
+  labels = rng.choice(num_classes, size=3000, p=prior / prior.sum())
+  preds = np.where(rng.random(3000) < 0.6, labels, rng.integers(0, num_classes, 3000))
+  mask = rng.random(3000) < 0.8
+  got = confusion.confusion_matrix(labels, preds, num_classes, mask=mask)
+  expected = sk_metrics.confusion_matrix(labels[mask], preds[mask], labels=np.arange(num_classes))
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_padding_and_out_of_range_are_not_counted():
+  labels = jnp.array([[0, 1], [1, -1], [3, 2]])  # 2-D batch; -1 and 3 are out of range.
+  preds = jnp.array([[0, 1], [0, 1], [0, 5]])
+  mask = jnp.array([[True, False], [True, True], [True, True]])
+  got = confusion.confusion_matrix(labels, preds, 3, mask=mask)
+  expected = np.zeros((3, 3), np.int32)
+  expected[0, 0] = 1
+  expected[1, 0] = 1
+  np.testing.assert_array_equal(got, expected)
+
+
+def test_jit_does_not_retrace():
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def count(labels, preds, mask):
+    return confusion.confusion_matrix(labels, preds, 4, mask=mask)
+
+  rng = np.random.default_rng(0)
+  for _ in range(3):
+    labels, preds = rng.integers(0, 4, (2, 64))
+    mask = rng.random(64) < 0.5
+    np.testing.assert_array_equal(
+      count(labels, preds, mask),
+      sk_metrics.confusion_matrix(labels[mask], preds[mask], labels=np.arange(4)),
+    )
+
+
+def test_exact_past_float32_limit():
+  """A cell with 2**24 + 1 examples: float32 counting would stop at 2**24."""
+  big = 2**24
+  assert np.float32(big) + np.float32(1) == np.float32(big)  # The failure int32 avoids.
+  n = big + 3
+  labels = jnp.zeros((n,), jnp.int32)
+  preds = jnp.zeros((n,), jnp.int32).at[-2:].set(jnp.array([1, 2]))
+  mask = jnp.ones((n,), bool).at[-3].set(False)  # One real example masked out.
+  cm = jax.jit(lambda y, p, m: confusion.confusion_matrix(y, p, 3, mask=m))(labels, preds, mask)
+  assert int(cm[0, 0]) == big  # n - 2 off-diagonal - 1 masked.
+  assert int(cm[0, 1]) == 1 and int(cm[0, 2]) == 1
+  # Summing batch matrices (as an evaluation loop does) stays exact past 2**24.
+  total = cm + confusion.confusion_matrix(jnp.array([0]), jnp.array([0]), 3)
+  assert int(total[0, 0]) == big + 1
+  assert int(total.sum()) == big + 3
+
+
+def test_soft_confusion_matrix():
+  rng = np.random.default_rng(1)
+  labels = rng.integers(0, 5, 40)
+  logits = rng.normal(size=(40, 5)).astype(np.float32)
+  probs = jax.nn.softmax(logits)
+  mask = rng.random(40) < 0.7
+  got = confusion.soft_confusion_matrix(labels, probs, mask=mask)
+  expected = (np.eye(5)[labels] * mask[:, None]).T @ np.asarray(probs)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  # Rows sum to the per-class counts of valid examples.
+  np.testing.assert_allclose(got.sum(1), np.bincount(labels[mask], minlength=5), rtol=1e-5)
+  # One-hot probabilities reproduce the hard confusion matrix.
+  hard = confusion.soft_confusion_matrix(labels, jax.nn.one_hot(probs.argmax(-1), 5), mask=mask)
+  np.testing.assert_array_equal(
+    hard, confusion.confusion_matrix(labels, probs.argmax(-1), 5, mask=mask)
+  )
+
+
+def test_soft_confusion_matrix_gradient():
+  rng = np.random.default_rng(2)
+  labels = rng.integers(0, 4, 10)
+  probs = jnp.asarray(rng.random((10, 4)), jnp.float32)
+  mask = jnp.arange(10) < 8
+  weights = jnp.asarray(rng.normal(size=(4, 4)), jnp.float32)
+  grad = jax.grad(
+    lambda p: (weights * confusion.soft_confusion_matrix(labels, p, mask=mask)).sum()
+  )(probs)
+  expected = np.asarray(weights)[labels] * np.asarray(mask)[:, None]
+  np.testing.assert_allclose(grad, expected, rtol=1e-6)
+
+
+def test_psum_across_four_devices_equals_single_device():
+  assert jax.local_device_count() == 4
+  num_devices, per_device, num_classes = 4, 33, 6
+  rng = np.random.default_rng(3)
+  labels = rng.integers(0, num_classes, (num_devices, per_device))
+  preds = rng.integers(0, num_classes, (num_devices, per_device))
+  probs = jax.nn.softmax(rng.normal(size=(num_devices, per_device, num_classes)))
+  mask = rng.random((num_devices, per_device)) < 0.9  # Padding on every device.
+
+  def per_device_counts(labels, preds, probs, mask):
+    hard = confusion.confusion_matrix(labels, preds, num_classes, mask=mask)
+    soft = confusion.soft_confusion_matrix(labels, probs, mask=mask)
+    return jax.lax.psum(hard, "batch"), jax.lax.psum(soft, "batch")
+
+  p_counts = jax.pmap(per_device_counts, axis_name="batch")
+  hard, soft = p_counts(labels, preds, probs, mask)
+
+  def flat(x):
+    return x.reshape(num_devices * per_device, *x.shape[2:])
+
+  expected_hard = confusion.confusion_matrix(
+    flat(labels), flat(preds), num_classes, mask=flat(mask)
+  )
+  expected_soft = confusion.soft_confusion_matrix(flat(labels), flat(probs), mask=flat(mask))
+  for d in range(num_devices):  # psum leaves the same total on every device.
+    np.testing.assert_array_equal(hard[d], expected_hard)
+    np.testing.assert_allclose(soft[d], expected_soft, rtol=1e-5, atol=1e-6)
+  assert int(expected_hard.sum()) == int(mask.sum())

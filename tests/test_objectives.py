@@ -1,0 +1,396 @@
+"""Tests for selmix_jax.objectives against independent NumPy versions of SPEC §3."""
+
+import dataclasses
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax import test_util as jtu
+import numpy as np
+import pytest
+
+from selmix_jax import metrics
+from selmix_jax import objectives
+
+SPEC_NAMES = [
+  "mean_recall",
+  "min_recall",
+  "min_head_tail_recall",
+  "gmean",
+  "hmean",
+  "mean_recall_min_coverage",
+  "hmean_min_coverage",
+  "mean_recall_head_tail_coverage",
+  "hmean_head_tail_coverage",
+]
+CONSTRAINED = [n for n in SPEC_NAMES if "coverage" in n]
+K = 10
+HEAD = np.arange(K) < 9  # The default mask for K = 10.
+
+
+# ---------------------------------------------------------------- NumPy references
+
+
+def np_recalls(cm):
+  cm = np.asarray(cm, np.float64)
+  return np.diag(cm) / cm.sum(1)
+
+
+def np_coverages(cm):
+  cm = np.asarray(cm, np.float64)
+  return cm.sum(0) / cm.sum()
+
+
+def np_head_tail(x, head=HEAD):
+  return np.array([x[head].mean(), x[~head].mean()])
+
+
+def np_hmean(r):
+  return 0.0 if (r == 0).any() else len(r) / np.sum(1.0 / r)
+
+
+def np_min_recall_update(multipliers, cm, *, omega, beta):
+  r = np_recalls(cm)
+  new = np.array([m**beta * np.exp(-omega * ri) for m, ri in zip(multipliers, r, strict=True)])
+  return new / new.sum()
+
+
+def np_coverage_update(cov, *, alpha, tau, lmax, num_classes):
+  out = []
+  for c in cov:
+    with np.errstate(over="ignore"):
+      out.append(max(0.0, lmax * (1.0 - np.exp((c - alpha / num_classes) / tau))))
+  return np.array(out)
+
+
+def np_value(name, cm, multipliers, *, alpha=0.95):
+  """SPEC §3 psi, written out independently (all classes present)."""
+  cm = np.asarray(cm, np.float64)
+  c = cm / cm.sum()
+  prior = c.sum(1)
+  r = np_recalls(cm)
+  cov = np_coverages(cm)
+  num_classes = len(c)
+  base = np.mean(r) if name.startswith("mean_recall") else np_hmean(r)
+  if name == "mean_recall":
+    return sum(c[i, i] / prior[i] for i in range(num_classes)) / num_classes
+  if name == "min_recall":
+    return float(np.dot(multipliers, r))
+  if name == "min_head_tail_recall":
+    return float(np.dot(multipliers, np_head_tail(r)))
+  if name == "gmean":
+    return np.prod(r) ** (1.0 / num_classes)
+  if name == "hmean":
+    return np_hmean(r)
+  if name.endswith("min_coverage"):
+    gaps = cov - alpha / num_classes
+  else:
+    gaps = np_head_tail(cov) - alpha / num_classes
+  return (base + np.dot(multipliers, gaps)) / (1.0 + np.max(multipliers))
+
+
+def random_confusion(seed, num_classes=K, diag=30):
+  rng = np.random.default_rng(seed)
+  cm = rng.integers(0, 8, (num_classes, num_classes)) + np.diag(rng.integers(1, diag, num_classes))
+  return cm.astype(np.int32)
+
+
+# --------------------------------------------------------------------- registry
+
+
+def test_names_cover_spec():
+  assert objectives.names()[: len(SPEC_NAMES)] == SPEC_NAMES
+
+
+def test_unknown_name_lists_known_names():
+  with pytest.raises(ValueError, match="Unknown objective 'worst_recall'.*min_recall"):
+    objectives.get("worst_recall")
+
+
+def test_unknown_hparam_is_an_error():
+  with pytest.raises(ValueError, match="omgea"):
+    objectives.get("min_recall", omgea=3.0)
+
+
+def test_shared_hparams_accepted_everywhere():
+  for name in SPEC_NAMES:
+    obj = objectives.get(name, omega=10, beta=0.5, alpha=0.9, tau=0.05, multiplier_max=10)
+    assert obj.name == name
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_init_multipliers(name):
+  m = objectives.get(name).init_multipliers(K)
+  assert isinstance(m, jax.Array)
+  expected = {
+    "min_recall": np.full(K, 1 / K),
+    "min_head_tail_recall": np.array([0.5, 0.5]),
+    "mean_recall_min_coverage": np.zeros(K),
+    "hmean_min_coverage": np.zeros(K),
+    "mean_recall_head_tail_coverage": np.zeros(2),
+    "hmean_head_tail_coverage": np.zeros(2),
+  }.get(name, np.zeros(0))
+  np.testing.assert_allclose(m, expected, rtol=1e-6)
+
+
+# ------------------------------------------------------------ multiplier updates
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_min_recall_update_matches_numpy_loop(beta):
+  obj = objectives.get("min_recall", omega=5.0, beta=beta)
+  update = jax.jit(obj.update_multipliers)
+  m, m_np = obj.init_multipliers(K), np.full(K, 1 / K)
+  for step in range(4):  # Several refreshes, each from a different validation matrix.
+    cm = random_confusion(step)
+    m = update(m, cm)
+    m_np = np_min_recall_update(m_np, cm, omega=5.0, beta=beta)
+    np.testing.assert_allclose(m, m_np, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(float(m.sum()), 1.0, rtol=1e-5)
+
+
+def test_min_recall_default_concentrates_on_worst_class():
+  cm = random_confusion(7)
+  obj = objectives.get("min_recall")  # omega = 50.
+  m = obj.update_multipliers(obj.init_multipliers(K), cm)
+  r = np_recalls(cm)
+  np.testing.assert_allclose(
+    m, np_min_recall_update(np.full(K, 0.1), cm, omega=50, beta=0), rtol=1e-4, atol=1e-7
+  )
+  assert int(np.argmax(m)) == int(np.argmin(r))
+  np.testing.assert_allclose(obj.target(cm)["target"], r.min(), rtol=1e-6)
+
+
+def test_min_recall_absent_class_gets_zero_multiplier():
+  cm = random_confusion(8)
+  cm[3] = 0
+  obj = objectives.get("min_recall")
+  m = obj.update_multipliers(obj.init_multipliers(K), cm)
+  assert float(m[3]) == 0.0
+  np.testing.assert_allclose(float(m.sum()), 1.0, rtol=1e-5)
+  present = np.arange(K) != 3
+  r = np.diag(cm)[present] / cm[present].sum(1)
+  expected = np.exp(-50 * (r - r.min()))
+  np.testing.assert_allclose(m[present], expected / expected.sum(), rtol=1e-4, atol=1e-7)
+
+
+def test_head_tail_update_matches_numpy():
+  cm = random_confusion(9)
+  for omega in (1.0, 50.0):
+    obj = objectives.get("min_head_tail_recall", omega=omega)
+    m = obj.update_multipliers(obj.init_multipliers(K), cm)
+    logits = -omega * np_head_tail(np_recalls(cm))
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose(m, expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", CONSTRAINED)
+def test_coverage_update_matches_numpy_loop(name):
+  # Class 9 is rarely predicted, class 0 over-predicted: some constraints bind.
+  cm = random_confusion(10)
+  cm[:, 0] += 20
+  cm[:, 9] = 0
+  cm[9, 9] = 1
+  for alpha, tau, lmax in ((0.95, 0.01, 100.0), (0.5, 0.1, 10.0)):
+    obj = objectives.get(name, alpha=alpha, tau=tau, multiplier_max=lmax)
+    m = jax.jit(obj.update_multipliers)(obj.init_multipliers(K), cm)
+    cov = np_coverages(cm)
+    if "head_tail" in name:
+      cov = np_head_tail(cov)
+    expected = np_coverage_update(cov, alpha=alpha, tau=tau, lmax=lmax, num_classes=K)
+    np.testing.assert_allclose(m, expected, rtol=1e-4, atol=1e-4)
+    assert (np.asarray(m) >= 0).all() and (np.asarray(m) <= lmax).all()
+    assert float(m[-1]) > 0  # The starved tail class (or tail group) is penalised.
+
+
+# ------------------------------------------------------------------ value / target
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_value_matches_spec_formula(name):
+  obj = objectives.get(name)
+  cm = random_confusion(11)
+  cm[:, 9] = 1  # Some coverage constraints bind, so multipliers are non-zero.
+  rng = np.random.default_rng(0)
+  m = obj.init_multipliers(K)
+  if m.size:  # Arbitrary non-negative multipliers, not only the update's fixed point.
+    m = jnp.asarray(rng.random(m.shape) * (3.0 if name in CONSTRAINED else 1.0), jnp.float32)
+  value = jax.jit(obj.value)
+  expected = np_value(name, cm, np.asarray(m, np.float64))
+  np.testing.assert_allclose(value(cm, m), expected, rtol=1e-5)
+  # Counts and fractions give the same psi.
+  np.testing.assert_allclose(value(cm / cm.sum(), m), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_target(name):
+  cm = random_confusion(12)
+  cm[:, 9] = 0
+  cm[9, 9] = 1
+  out = jax.jit(objectives.get(name).target)(cm)
+  r, cov = np_recalls(cm), np_coverages(cm)
+  base = {
+    "mean_recall": r.mean(),
+    "min_recall": r.min(),
+    "min_head_tail_recall": np_head_tail(r).min(),
+    "gmean": np.prod(r) ** (1 / K),
+    "hmean": np_hmean(r),
+  }
+  if name in CONSTRAINED:
+    expected = r.mean() if name.startswith("mean_recall") else np_hmean(r)
+    gaps = (cov if name.endswith("min_coverage") else np_head_tail(cov)) - 0.95 / K
+    np.testing.assert_array_equal(out["constraint_satisfied"], gaps >= 0)
+    assert bool(out["all_constraints_satisfied"]) == bool((gaps >= 0).all())
+    np.testing.assert_allclose(out["constraint_gap"], gaps.min(), rtol=1e-5, atol=1e-7)
+    assert float(out["constraint_gap"]) < 0  # Class 9 is predicted once in ~500.
+  else:
+    expected = base[name]
+    assert set(out) == {"target"}
+  np.testing.assert_allclose(out["target"], expected, rtol=1e-5)
+
+
+def test_satisfied_constraints():
+  cm = np.eye(K, dtype=np.int32) * 10  # Uniform coverage 1/K >= 0.95/K.
+  for name in CONSTRAINED:
+    obj = objectives.get(name)
+    out = obj.target(cm)
+    assert bool(out["all_constraints_satisfied"]), name
+    np.testing.assert_allclose(out["constraint_gap"], 0.05 / K, rtol=1e-4)
+    m = obj.update_multipliers(obj.init_multipliers(K), cm)
+    np.testing.assert_array_equal(m, np.zeros_like(m))
+    np.testing.assert_allclose(obj.value(cm, m), 1.0, rtol=1e-5)  # Zero multipliers.
+
+
+@jax.jit
+def _refresh_all(cm):
+  """Multipliers and `d psi / d C` of every built-in objective (one compilation)."""
+  out = {}
+  for name in SPEC_NAMES:
+    obj = objectives.get(name)
+    m = obj.update_multipliers(obj.init_multipliers(K), cm)
+    out[name] = (m, jax.grad(obj.value)(cm, m))
+  return out
+
+
+def test_gradients_finite_on_degenerate_confusions():
+  absent = random_confusion(13).astype(np.float32)
+  absent[4] = 0  # Class without validation examples.
+  zero_recall = random_confusion(14).astype(np.float32)
+  zero_recall[5, 5] = 0  # Present class never right.
+  zero_recall[:, 9] = 0  # Never predicted.
+  for cm in (absent, zero_recall, np.zeros((K, K), np.float32)):  # Empty: multipliers kept.
+    for name, (m, grad) in _refresh_all(cm).items():
+      assert np.isfinite(np.asarray(m)).all(), name
+      assert np.isfinite(np.asarray(grad)).all(), name
+
+
+def test_check_grads_of_value():
+  cm = jnp.asarray(random_confusion(15), jnp.float32)
+  names = ("mean_recall", "hmean", "min_recall", "mean_recall_min_coverage")
+  objs = [objectives.get(name, tau=0.1) for name in names]
+  mults = [obj.update_multipliers(obj.init_multipliers(K), cm) for obj in objs]
+
+  def values(c):  # One check (random cotangents) covers every objective.
+    return jnp.stack([obj.value(c, m) for obj, m in zip(objs, mults, strict=True)])
+
+  jtu.check_grads(values, (cm,), order=1, modes=("rev",), eps=1e-1, atol=1e-4, rtol=2e-2)
+
+
+def test_value_inside_jit_with_multipliers_as_arguments():
+  obj = objectives.get("hmean_min_coverage")
+
+  @jax.jit
+  def refresh(multipliers, cm):
+    multipliers = obj.update_multipliers(multipliers, cm)
+    return multipliers, jax.grad(obj.value)(cm, multipliers), obj.target(cm)
+
+  multipliers, grad, target = refresh(
+    obj.init_multipliers(K), jnp.asarray(random_confusion(16), jnp.float32)
+  )
+  assert multipliers.shape == (K,) and grad.shape == (K, K)
+  assert set(target) >= {"target", "constraint_satisfied", "constraint_gap"}
+
+
+# ---------------------------------------------------------------------- register
+
+
+@pytest.fixture
+def registry(monkeypatch):
+  """Registrations made in a test are undone afterwards."""
+  monkeypatch.setattr(objectives, "_FACTORIES", dict(objectives._FACTORIES))  # pylint: disable=protected-access
+
+
+def test_register_plain_function(registry):
+  del registry
+
+  def weighted_recall(confusion, *, weight=1.0):
+    r = metrics.recalls(confusion, absent_value=0.0)
+    return r[0] * weight + r[1:].mean()
+
+  objectives.register("weighted_recall", weighted_recall)
+  assert "weighted_recall" in objectives.names()
+  cm = random_confusion(17)
+  obj = objectives.get("weighted_recall", weight=3.0)
+  r = np_recalls(cm)
+  m = obj.init_multipliers(K)
+  assert m.shape == (0,)
+  np.testing.assert_allclose(obj.value(cm, m), 3 * r[0] + r[1:].mean(), rtol=1e-5)
+  np.testing.assert_allclose(obj.target(cm)["target"], 3 * r[0] + r[1:].mean(), rtol=1e-5)
+  assert obj.update_multipliers(m, cm).shape == (0,)
+  grad = jax.grad(obj.value)(jnp.asarray(cm, jnp.float32), m)
+  assert np.isfinite(grad).all() and np.abs(grad).sum() > 0
+
+
+def test_register_with_target_and_multipliers(registry):
+  del registry
+  objectives.register(
+    "weighted_min",
+    lambda c, m: (m * metrics.recalls(c, absent_value=0.0)).sum(),
+    target_fn=metrics.min_recall,
+    init_multipliers_fn=lambda k: jnp.ones((k,)) / k,
+    update_multipliers_fn=lambda m, c: jax.nn.softmax(-metrics.recalls(c, absent_value=0.0)),
+  )
+  obj = objectives.get("weighted_min")
+  cm = random_confusion(18)
+  m = obj.update_multipliers(obj.init_multipliers(K), cm)
+  r = np_recalls(cm)
+  np.testing.assert_allclose(obj.value(cm, m), np.dot(np.asarray(m), r), rtol=1e-5)
+  np.testing.assert_allclose(obj.target(cm)["target"], r.min(), rtol=1e-6)
+
+
+def test_register_errors(registry):
+  del registry
+  with pytest.raises(ValueError, match="already registered"):
+    objectives.register("min_recall", metrics.min_recall)
+  objectives.register("acc", metrics.accuracy)
+  with pytest.raises(ValueError, match="already registered"):
+    objectives.register("acc", metrics.accuracy)
+  objectives.register("acc", metrics.mean_recall, overwrite=True)
+  with pytest.raises(ValueError, match="target_fn"):
+    objectives.register("mult", lambda c, m: 0.0, init_multipliers_fn=jnp.zeros,
+                        update_multipliers_fn=lambda m, c: m)  # fmt: skip
+  with pytest.raises(ValueError, match="both"):
+    objectives.register("half", metrics.accuracy, init_multipliers_fn=jnp.zeros)
+
+
+def test_registry_restored_after_tests():
+  assert "acc" not in objectives.names() and "weighted_recall" not in objectives.names()
+
+
+def test_objective_is_frozen():
+  obj = objectives.get("gmean")
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    obj.name = "other"  # type: ignore[misc]
+
+
+def test_numerical_core_imports_without_training_stack():
+  code = (
+    "import sys\n"
+    "from selmix_jax import confusion, metrics, objectives\n"
+    "heavy = [m for m in ('flax', 'optax', 'tensorflow', 'orbax', 'chex') if m in sys.modules]\n"
+    "assert not heavy, heavy\n"
+  )
+  root = pathlib.Path(__file__).resolve().parents[1]
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
