@@ -1,0 +1,483 @@
+"""Host-side batching and the single `build(config)` entry point of the data layer.
+
+Batches are dicts of NumPy arrays laid out for `pmap` (leading device axis):
+
+  images  uint8 [D, b, H, W, C]   (augmentation and normalisation happen on device)
+  labels  int32 [D, b]
+  mask    bool  [D, b]            (False on padding; use it in every accumulation)
+  index   int32 [D, b]            (index into the source; -1 on padding)
+
+with `D` local devices and `b = global_batch / (D * process_count)`. Training
+batches are built from index arrays handed out by samplers (`uniform_indices`, the
+SelMix pair sampler) so that the whole input pipeline is a function of
+`(seed, step)`; evaluation batches cover a split exactly once with a padded, masked
+last batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from selmix_jax.data import sources, splits
+
+Batch = dict[str, np.ndarray]
+Source = sources.ArraySource | sources.RandomAccessSource
+
+
+# ---------------------------------------------------------------------- batching
+
+
+def process_slice(global_array: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+  """This process's contiguous share of a global array's leading axis.
+
+  Args:
+    global_array: [N, ...] with N divisible by `process_count`.
+    process_index: this process (`jax.process_index()`).
+    process_count: number of processes (`jax.process_count()`).
+
+  Returns:
+    [N / process_count, ...].
+  """
+  n = len(global_array)
+  if n % process_count:
+    raise ValueError(f"Leading size {n} is not divisible by the process count {process_count}.")
+  share = n // process_count
+  return global_array[process_index * share : (process_index + 1) * share]
+
+
+def _check_divisible(batch_size: int, num_devices: int, process_count: int) -> int:
+  shards = num_devices * process_count
+  if batch_size <= 0 or batch_size % shards:
+    raise ValueError(
+      f"Global batch size {batch_size} must be a positive multiple of the number of devices "
+      f"({num_devices} local x {process_count} processes = {shards})."
+    )
+  return batch_size // shards
+
+
+def _assemble(source: Source, index: np.ndarray, mask: np.ndarray, num_devices: int) -> Batch:
+  """Gathers the images of `index[mask]` and reshapes everything to [D, b, ...]."""
+  images = np.zeros((len(index),) + tuple(source.image_shape), np.uint8)
+  labels = np.zeros(len(index), np.int32)
+  if mask.any():
+    images[mask] = source.get_images(index[mask])
+    labels[mask] = source.labels[index[mask]]
+  per_device = len(index) // num_devices
+  shape = (num_devices, per_device)
+  return {
+    "images": images.reshape(shape + images.shape[1:]),
+    "labels": labels.reshape(shape),
+    "mask": mask.reshape(shape),
+    "index": np.where(mask, index, -1).astype(np.int32).reshape(shape),
+  }
+
+
+def eval_batches(
+  source: Source,
+  indices: np.ndarray,
+  batch_size: int,
+  *,
+  num_devices: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[Batch]:
+  """Every example of `indices` exactly once with mask True; last batch padded.
+
+  Args:
+    source: a source.
+    indices: int [n] indices into `source`.
+    batch_size: global batch size, divisible by `num_devices * process_count`.
+    num_devices: local devices (default `jax.local_device_count()`).
+    process_index: this process; each process yields only its share of each batch.
+    process_count: number of processes.
+
+  Yields:
+    Batches (see the module docstring) of `batch_size / process_count` examples.
+  """
+  num_devices = num_devices or jax.local_device_count()
+  _check_divisible(batch_size, num_devices, process_count)
+  indices = np.asarray(indices, np.int64)
+  for start in range(0, len(indices), batch_size):
+    chunk = indices[start : start + batch_size]
+    mask = np.zeros(batch_size, bool)
+    mask[: len(chunk)] = True
+    index = np.zeros(batch_size, np.int64)
+    index[: len(chunk)] = chunk
+    yield _assemble(
+      source,
+      process_slice(index, process_index, process_count),
+      process_slice(mask, process_index, process_count),
+      num_devices,
+    )
+
+
+def train_batch(
+  source: Source,
+  indices: np.ndarray,
+  *,
+  num_devices: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Batch:
+  """The batch of the given global `indices` (all valid), this process's share.
+
+  Args:
+    source: a source.
+    indices: int [B] global batch of indices into `source`.
+    num_devices: local devices (default `jax.local_device_count()`).
+    process_index: this process.
+    process_count: number of processes.
+
+  Returns:
+    A batch (see the module docstring) with `mask` all True.
+  """
+  num_devices = num_devices or jax.local_device_count()
+  indices = np.asarray(indices, np.int64)
+  _check_divisible(len(indices), num_devices, process_count)
+  local = process_slice(indices, process_index, process_count)
+  return _assemble(source, local, np.ones(len(local), bool), num_devices)
+
+
+def uniform_indices(num_examples: int, batch_size: int, *, seed: int, step: int) -> np.ndarray:
+  """`batch_size` positions drawn uniformly (with replacement) from `[0, num_examples)`.
+
+  A pure function of `(seed, step)`, so a resumed run draws the same batches. Map
+  positions to source indices with `split.indices[positions]`.
+  """
+  if num_examples <= 0:
+    raise ValueError(f"Cannot sample from {num_examples} examples.")
+  return np.random.default_rng([seed, step]).integers(0, num_examples, batch_size)
+
+
+# ------------------------------------------------------------------------ splits
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """A subset of a source: `source` plus int64 `indices` [n] into it."""
+
+  source: Source
+  indices: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  @property
+  def labels(self) -> np.ndarray:
+    """int32 [n] labels of the split's examples."""
+    return self.source.labels[self.indices]
+
+  def class_counts(self, num_classes: int) -> np.ndarray:
+    """int64 [K] examples per class (labels < 0 are not counted)."""
+    labels = self.labels
+    return np.bincount(labels[labels >= 0], minlength=num_classes)
+
+
+class FlipAppendedSource:
+  """Examples `base[indices]` followed by their horizontally flipped copies (2n)."""
+
+  def __init__(self, base: Source, indices: np.ndarray):
+    self._base = base
+    self._indices = np.asarray(indices, np.int64)
+    self.labels = np.concatenate([base.labels[self._indices]] * 2).astype(np.int32)
+    self.class_names = base.class_names
+    self.image_shape = base.image_shape
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def get_images(self, indices: np.ndarray) -> np.ndarray:
+    indices = np.asarray(indices, np.int64)
+    n = len(self._indices)
+    images = self._base.get_images(self._indices[indices % n])
+    flipped = indices >= n
+    images[flipped] = images[flipped][:, :, ::-1]
+    return images
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+  """Everything the trainers need from the data layer.
+
+  Attributes:
+    labeled: labeled training split.
+    unlabeled: unlabeled pool (labels are not to be used), or None when supervised.
+    val: balanced validation split (with flipped copies appended if `val_flip`).
+    test: test split.
+    num_classes: K.
+    class_names: K names.
+    image_shape: (H, W, C) of every image.
+    mean: [C] per-channel mean of images in [0, 1], for `augment.normalize`.
+    std: [C] per-channel standard deviation.
+    labeled_class_counts: int64 [K] examples per class in `labeled`.
+  """
+
+  labeled: Split
+  unlabeled: Split | None
+  val: Split
+  test: Split
+  num_classes: int
+  class_names: tuple[str, ...]
+  image_shape: tuple[int, int, int]
+  mean: np.ndarray
+  std: np.ndarray
+  labeled_class_counts: np.ndarray
+
+
+_STATS = {  # Standard per-channel statistics of images in [0, 1].
+  "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+  "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+  "stl10": ((0.4409, 0.4279, 0.3868), (0.2683, 0.2610, 0.2687)),
+  "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+# Per-data-set defaults of the split fields left at None (see `build`).
+_SPLIT_DEFAULTS = {
+  "stl10": {"unlabeled_split": "unlabelled"},
+  "imagenet2012": {"test_split": "validation"},
+  "imagenet100": {"test_split": "validation"},
+  "imagenet_lt": {"val_split": "validation"},
+}
+NAMES = ("digits", "image_folder") + sources.IN_MEMORY_TFDS + sources.RANDOM_ACCESS_TFDS
+
+
+def names() -> tuple[str, ...]:
+  """Data set names `build` accepts as `config.name`."""
+  return NAMES
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `data` section with every field `build` reads, at its default value."""
+  return ml_collections.ConfigDict(
+    {
+      "name": "digits",
+      "root": "",
+      "data_dir": None,
+      "cache_dir": None,
+      "train_split": "train",
+      "test_split": None,
+      "val_split": None,
+      "unlabeled_split": None,
+      "labeled_max": 40,
+      "labeled_imbalance": 10.0,
+      "unlabeled_max": 0,
+      "unlabeled_imbalance": 10.0,
+      "val_per_class": 30,
+      "val_flip": False,
+      "seed": 0,
+      "image_size": None,
+      "class_names": None,
+      "imagenet100_classes": None,
+      "digits_test_fraction": 0.3,
+      "mean": None,
+      "std": None,
+    }
+  )
+
+
+def _resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Merges `config` over `default_config()` and fills per-data-set split defaults."""
+  full = default_config()
+  full.lock()
+  full.update(dict(config))  # Unknown fields raise a KeyError naming them.
+  if full.name not in NAMES:
+    raise ValueError(f"Unknown data set {full.name!r}; known: {', '.join(NAMES)}.")
+  defaults = _SPLIT_DEFAULTS.get(full.name, {})
+  full.test_split = full.test_split or defaults.get("test_split", "test")
+  full.val_split = full.val_split or defaults.get("val_split", full.train_split)
+  full.unlabeled_split = full.unlabeled_split or defaults.get("unlabeled_split", full.train_split)
+  if full.cache_dir is None:
+    full.cache_dir = sources.DEFAULT_CACHE_DIR
+  if full.labeled_max is not None and full.labeled_max < 0:
+    full.labeled_max = None
+  return full
+
+
+def _load(config: ml_collections.ConfigDict, split: str) -> Source:
+  name = config.name
+  cache_dir = config.cache_dir or None  # "" disables caching.
+  if name == "digits":
+    return sources.load_digits(split, test_fraction=config.digits_test_fraction, seed=config.seed)
+  if name == "image_folder":
+    return sources.load_image_folder(
+      config.root,
+      split,
+      class_names=config.class_names,
+      image_size=config.image_size,
+      cache_dir=cache_dir,
+    )
+  kwargs = {"data_dir": config.data_dir}
+  if name in sources.RANDOM_ACCESS_TFDS:
+    kwargs.update(image_size=config.image_size or 224, cache_dir=cache_dir)
+  if name == "imagenet100":
+    classes = config.imagenet100_classes
+    if isinstance(classes, str):
+      with open(classes) as f:
+        classes = [line.strip() for line in f if line.strip()]
+    kwargs["classes"] = classes
+  return sources.load(name, split, **kwargs)
+
+
+def _balanced_val(labels: np.ndarray, num_classes: int, per_class: int, seed: int) -> np.ndarray:
+  return splits.split_indices(
+    labels, val_per_class=per_class, labeled_counts=np.zeros(num_classes, np.int64), seed=seed
+  )["val"]
+
+
+def build(config: ml_collections.ConfigDict) -> Datasets:
+  """Loads the sources and draws the splits described by the `data` config.
+
+  Config fields (defaults in `default_config()`; unknown fields raise KeyError):
+    name: one of `names()`: 'digits', 'image_folder', 'cifar10', 'cifar100', 'stl10',
+      'imagenet2012', 'imagenet100', 'imagenet_lt'.
+    root: image_folder only: a folder or .zip with `<split>/<class>/*.jpg`.
+    data_dir: TFDS data directory (None = TFDS default).
+    cache_dir: cache of decoded image folders and ImageNet label lists; None =
+      `~/.cache/selmix_jax`, '' = no cache.
+    train_split: split the labeled (and by default validation/unlabeled) examples
+      come from; 'train'.
+    test_split: None = 'test', or 'validation' for imagenet2012/imagenet100 (the
+      official ImageNet validation set). Digits' test split is drawn with `seed`.
+    val_split: None = `train_split` (a balanced validation set is held out of the
+      training split before anything else), or 'validation' for imagenet_lt. With
+      another split, `val_per_class` > 0 draws a balanced subset of it and 0 takes
+      all of it.
+    unlabeled_split: None = `train_split` (the pool is drawn after validation and
+      labeled, without overlap), or 'unlabelled' for stl10.
+    labeled_max: N1 of SPEC §8; None or -1 = every training example left after
+      validation (e.g. the ImageNet-LT training list as published).
+    labeled_imbalance: rho_l >= 1.
+    unlabeled_max: M1; 0 = supervised (`unlabeled` is None); -1 = every example of
+      the training split left after validation and labeled, or all of a separate
+      `unlabeled_split`.
+    unlabeled_imbalance: rho_u; < 1 gives the inverted profile.
+    val_per_class: balanced validation examples per class.
+    val_flip: append horizontally flipped copies of the validation images.
+    seed: seed of every split (and of digits' train/test split).
+    image_size: side to resize image folders to (None keeps the stored size) and
+      the ImageNet side (None = 224).
+    class_names: image_folder only: class order (None = sorted folder names).
+    imagenet100_classes: None = the shipped CMC list, or a list / path of a .txt.
+    digits_test_fraction: share of each digits class held out as test (0.3).
+    mean, std: per-channel statistics in [0, 1]; None = standard values of the data
+      set, or computed on the training source for digits and image folders.
+
+  SPEC §8 settings, e.g. CIFAR-10-LT SSL: name='cifar10', labeled_max=1500,
+  labeled_imbalance=100, unlabeled_max=3000, unlabeled_imbalance=100 (or 1, or
+  0.01 with unlabeled_max=30), val_per_class=500, val_flip=True. STL-10-LT:
+  name='stl10', labeled_max=450, labeled_imbalance=10 or 100, val_per_class=50,
+  unlabeled_max=-1. ImageNet-LT: name='imagenet_lt', labeled_max=-1,
+  val_per_class=0, unlabeled_max=0.
+
+  Args:
+    config: the `data` ConfigDict.
+
+  Returns:
+    A `Datasets`.
+
+  Raises:
+    KeyError: unknown config field.
+    ValueError: unknown data set, or a class with fewer examples than requested.
+  """
+  config = _resolve(config)
+  train = _load(config, config.train_split)
+  test = _load(config, config.test_split)
+  num_classes = train.num_classes
+  labels = train.labels
+  available = np.bincount(labels[labels >= 0], minlength=num_classes)
+
+  val_from_train = config.val_split == config.train_split
+  unlabeled_from_train = config.unlabeled_split == config.train_split
+  held_out = config.val_per_class if val_from_train else 0
+  if config.labeled_max is None:
+    labeled_counts = np.maximum(available - held_out, 0)
+  else:
+    labeled_counts = splits.labeled_counts(
+      config.labeled_max, config.labeled_imbalance, num_classes
+    )
+  unlabeled_counts = None
+  if unlabeled_from_train and config.unlabeled_max == -1:
+    unlabeled_counts = np.maximum(available - held_out - labeled_counts, 0)
+  elif unlabeled_from_train and config.unlabeled_max > 0:
+    unlabeled_counts = splits.unlabeled_counts(
+      config.unlabeled_max, config.unlabeled_imbalance, num_classes
+    )
+  drawn = splits.split_indices(
+    labels,
+    val_per_class=held_out,
+    labeled_counts=labeled_counts,
+    unlabeled_counts=unlabeled_counts,
+    seed=config.seed,
+  )
+
+  if val_from_train:
+    val_source, val_indices = train, drawn["val"]
+  else:
+    val_source = _load(config, config.val_split)
+    if config.val_per_class > 0:
+      val_indices = _balanced_val(val_source.labels, num_classes, config.val_per_class, config.seed)
+    else:
+      val_indices = np.arange(len(val_source))
+  val = Split(val_source, val_indices)
+  if config.val_flip:
+    flipped = FlipAppendedSource(val_source, val_indices)
+    val = Split(flipped, np.arange(len(flipped)))
+
+  unlabeled = None
+  if unlabeled_counts is not None:
+    unlabeled = Split(train, drawn["unlabeled"])
+  elif not unlabeled_from_train and config.unlabeled_max != 0:
+    pool = _load(config, config.unlabeled_split)
+    if config.unlabeled_max == -1:
+      unlabeled = Split(pool, np.arange(len(pool)))
+    else:
+      counts = splits.unlabeled_counts(
+        config.unlabeled_max, config.unlabeled_imbalance, num_classes
+      )
+      picked = splits.split_indices(
+        pool.labels,
+        val_per_class=0,
+        labeled_counts=np.zeros(num_classes, np.int64),
+        unlabeled_counts=counts,
+        seed=config.seed,
+      )
+      unlabeled = Split(pool, picked["unlabeled"])
+
+  labeled = Split(train, drawn["labeled"])
+  mean, std = _statistics(config, train)
+  return Datasets(
+    labeled=labeled,
+    unlabeled=unlabeled,
+    val=val,
+    test=Split(test, np.arange(len(test))),
+    num_classes=num_classes,
+    class_names=tuple(train.class_names),
+    image_shape=tuple(train.image_shape),
+    mean=mean,
+    std=std,
+    labeled_class_counts=labeled.class_counts(num_classes),
+  )
+
+
+def _statistics(config: ml_collections.ConfigDict, train: Source) -> tuple[np.ndarray, np.ndarray]:
+  if config.mean is not None and config.std is not None:
+    return np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
+  key = "imagenet" if config.name.startswith("imagenet") else config.name
+  if key in _STATS:
+    mean, std = _STATS[key]
+    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  # Digits / image folders: statistics of (a fixed subsample of) the training source.
+  sample = np.random.default_rng(0).permutation(len(train))[:10_000]
+  pixels = train.get_images(np.sort(sample)).astype(np.float64) / 255.0
+  axes = tuple(range(pixels.ndim - 1))
+  return pixels.mean(axes).astype(np.float32), pixels.std(axes).astype(np.float32)
