@@ -1,0 +1,266 @@
+"""SelMix gain matrix and pair distribution (SPEC §4).
+
+For every ordered class pair `(i, j)` the *gain* `G_ij` is the first-order change of an
+objective `ψ(C)` when the linear head takes one SGD step on a feature-mixup example
+`z̃_ij = λ̄ z_i + (1 - λ̄) z_j` labelled `i`, predicted on the class prototypes `z_q`.
+
+Sign and scale convention: one SGD step with learning rate `η` on the cross-entropy
+`CE(z̃_ij W + b, i)` moves the prototype logits by
+`ΔA_ql = η S_ijq (δ_il - p_ijl)` (`S_ijq = <z̃_ij, z_q>`, plus 1 if the bias is trained),
+i.e. it raises logit `i`. `G_ij` is defined so that `ψ(C') - ψ(C) = η G_ij + O(η²)`:
+it is the change of `ψ` *per unit learning rate*, with no other factor, and `G_ij > 0`
+means the step helps. `tests/test_gains.py` checks this against a real SGD step.
+
+Computation (`O(K³ + K² d)` time, `O(chunk · K²)` memory): with the Gram matrix
+`Γ = Z Zᵀ` (+1) and `H = Γ D` (`H_il = Σ_q Γ_iq D_ql`), `S_ijq = λ̄ Γ_iq + (1-λ̄) Γ_jq`, so
+
+  G_ij = λ̄ H_ii + (1-λ̄) H_ji - Σ_l p_ijl (λ̄ H_il + (1-λ̄) H_jl),
+
+and the logits of a mixed prototype are the mix of the prototype logits,
+`z̃_ij W + b = λ̄ A_i + (1-λ̄) A_j`. The `[K, K, K]` softmax `p_ijl` is formed for a block
+of rows `i` at a time. The `K⁴` tensor `L_ijql` of the SPEC is never built.
+
+Typical use (build the jitted function once; multipliers are an array argument, so a
+refresh with new values does not retrace):
+
+  refresh = gains.make_gain_fn(obj.value, mix_weight=0.8, temperature=0.1)
+  gain, pair_probs = refresh(confusion, prototypes, kernel, bias, multipliers)
+
+This module imports only jax and numpy.
+"""
+
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+# Default block size bound: a block of rows holds at most this many [i, j, l] entries
+# (16M floats = 64 MB in float32 per temporary).
+_AUTO_BLOCK_ENTRIES = 1 << 24
+
+FORMS = ("exact", "reference")
+
+
+def _call(value_fn, confusion, multipliers):
+  if multipliers is None:
+    return value_fn(confusion)
+  return value_fn(confusion, multipliers)
+
+
+def _as_float(x):
+  """Integers -> default float; floats below float32 (bf16 features) -> float32."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return x.astype(jnp.result_type(float))
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def gain_rate(
+    value_fn: Callable[..., jax.Array],
+    confusion: jax.Array,
+    multipliers: Optional[Any] = None,
+) -> jax.Array:
+  """Sensitivity `D = ∂ψ/∂A` of the objective to the prototype logits (SPEC §4 step 1).
+
+  Jitted with `value_fn` static (hashable; keep the same object to avoid retracing).
+  Differentiates `A ↦ ψ(π ⊙ softmax(A))` (row-wise softmax, `π = rowsum(C)` held fixed)
+  at the logits where `softmax(A_q) = C_q / π_q`, i.e. the empirical confusion. The
+  softmax is written as `π_q · C_q e^{A_q} / Σ_b C_qb e^{A_qb}` around `A = 0`, which is
+  the same function of the logits shifted by `log(C_q / π_q)` but keeps zero entries and
+  absent classes (`π_q = 0`) finite: their rows of `D` are exactly 0.
+
+  The result equals the closed form `D_ql = M_ql C_ql - (C_ql/π_q) Σ_b M_qb C_qb` with
+  `M = ∂ψ/∂C`; only `ψ` is supplied, the calculus is `jax.grad`'s. Adding a constant to a
+  row of `M` does not change `D`, so it does not matter whether `ψ` treats the priors as
+  fixed or recomputes them from `C`.
+
+  Args:
+    value_fn: differentiable `ψ`; called as `value_fn(confusion)` if `multipliers` is
+      None, else `value_fn(confusion, multipliers)` (multipliers held fixed).
+    confusion: `[K, K]` confusion matrix, rows = true class, counts or fractions.
+    multipliers: optional pytree of arrays passed through to `value_fn`.
+
+  Returns:
+    `[K, K]` float array `D`, in the float dtype of `confusion` (at least float32; the
+    default float for integer counts).
+  """
+  confusion = _as_float(confusion)
+  priors = confusion.sum(axis=-1, keepdims=True)
+  present = priors > 0
+
+  def objective_of_logit_shift(shift):
+    weighted = confusion * jnp.exp(shift)
+    norm = weighted.sum(axis=-1, keepdims=True)
+    # Double-where: absent rows get scale 0 with a finite gradient.
+    scale = jnp.where(present, priors / jnp.where(present, norm, 1.0), 0.0)
+    return _call(value_fn, weighted * scale, multipliers)
+
+  return jax.grad(objective_of_logit_shift)(jnp.zeros_like(confusion))
+
+
+def _auto_chunk_size(num_classes: int) -> int:
+  return max(1, min(num_classes, _AUTO_BLOCK_ENTRIES // max(1, num_classes * num_classes)))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("value_fn", "form", "train_bias", "chunk_size"))
+def gain_matrix(
+    confusion: jax.Array,
+    prototypes: jax.Array,
+    kernel: jax.Array,
+    bias: Optional[jax.Array],
+    multipliers: Optional[Any] = None,
+    *,
+    value_fn: Callable[..., jax.Array],
+    mix_weight: float = 0.8,
+    form: str = "exact",
+    train_bias: bool = False,
+    chunk_size: Optional[int] = None,
+) -> jax.Array:
+  """Gain `G_ij` of one SGD step of the head on an `(i, j)` prototype mixup (SPEC §4).
+
+  Pure and jitted; `value_fn`, `form`, `train_bias` and `chunk_size` are static
+  arguments (so `value_fn` must be hashable; functions are), everything else is traced,
+  including `mix_weight`. Keep `value_fn` the same object across refreshes (e.g. one
+  `objectives.get(name).value`) and pass changing multipliers as `multipliers`: a closure
+  over new multiplier values is a new function and forces a retrace. It can also be
+  bound with `functools.partial` and wrapped in the caller's own `jax.jit`/`pmap`.
+
+  Args:
+    confusion: `[K, K]` validation confusion (rows = true class), counts or fractions.
+    prototypes: `[K, D]` per-class mean features `z_k` of the validation set.
+    kernel: `[D, K]` head kernel (Flax Dense convention, logits = z @ kernel + bias).
+    bias: `[K]` head bias, or None for a head without bias.
+    multipliers: optional pytree passed to `value_fn` as its second argument.
+    value_fn: differentiable objective `ψ(confusion[, multipliers]) -> scalar`.
+    mix_weight: `λ̄`, weight of the x1 feature in the mixed prototype (may be traced).
+    form: `"exact"` (default) or `"reference"`, which uses `<z_i, z_q>` instead of
+      `S_ijq` in the `δ_il` term as the authors' release does.
+    train_bias: whether the SGD step also moves the bias (adds 1 to `S`).
+    chunk_size: rows `i` per block of the `[chunk, K, K]` softmax. None picks the
+      largest block with at most 2^24 entries (64 MB in float32); a value `>= K`
+      processes all rows at once. The result does not depend on it.
+
+  Returns:
+    `[K, K]` gain, row = class `i` of x1 (the kept label), column = class `j` of x2.
+  """
+  if form not in FORMS:
+    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+  prototypes = _as_float(prototypes)
+  kernel = jnp.asarray(kernel, prototypes.dtype)
+  num_classes = prototypes.shape[0]
+  if kernel.shape != (prototypes.shape[1], num_classes):
+    raise ValueError(
+        f"kernel shape {kernel.shape} does not match prototypes {prototypes.shape}")
+
+  rate = gain_rate(value_fn, confusion, multipliers).astype(prototypes.dtype)  # D
+  logits = jnp.matmul(prototypes, kernel, precision=_HIGHEST)  # A, [K, K]
+  if bias is not None:
+    logits = logits + jnp.asarray(bias, prototypes.dtype)
+  gram = jnp.matmul(prototypes, prototypes.T, precision=_HIGHEST)  # Γ, [K, K]
+  if train_bias:
+    gram = gram + 1.0
+  h = jnp.matmul(gram, rate, precision=_HIGHEST)  # H = Γ D, [K, K]
+  lam = jnp.asarray(mix_weight, prototypes.dtype)
+
+  # δ_il term: Σ_q S_ijq D_qi.
+  h_diag = jnp.diagonal(h)[:, None]
+  if form == "exact":
+    direct = lam * h_diag + (1.0 - lam) * h.T
+  else:
+    direct = jnp.broadcast_to(h_diag, (num_classes, num_classes))
+
+  # p_ij term: Σ_l p_ijl (λ̄ H_il + (1-λ̄) H_jl), a block of rows i at a time.
+  mixed_logits_j = (1.0 - lam) * logits  # [K(j), K(l)]
+  mixed_h_j = (1.0 - lam) * h
+
+  def block(rows):
+    logits_i, h_i = rows  # [c, K(l)] each
+    mixed = lam * logits_i[:, None, :] + mixed_logits_j[None, :, :]  # [c, K, K]
+    probs = jax.nn.softmax(mixed, axis=-1)
+    return jnp.sum(probs * (lam * h_i[:, None, :] + mixed_h_j[None, :, :]), axis=-1)
+
+  chunk = _auto_chunk_size(num_classes) if chunk_size is None else int(chunk_size)
+  if chunk < 1:
+    raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+  if chunk >= num_classes:
+    softmax_term = block((logits, h))
+  else:
+    num_blocks = -(-num_classes // chunk)
+    pad = num_blocks * chunk - num_classes
+    rows = tuple(
+        jnp.pad(x, ((0, pad), (0, 0))).reshape(num_blocks, chunk, num_classes)
+        for x in (logits, h))
+    softmax_term = jax.lax.map(block, rows).reshape(-1, num_classes)[:num_classes]
+  return direct - softmax_term
+
+
+@jax.jit
+def pair_distribution(gain: jax.Array, *, temperature: float = 0.1) -> jax.Array:
+  """SelMix pair distribution `P_ij ∝ exp(G_ij / T) · 1[G_ij > 0]` (SPEC §4 step 5).
+
+  A softmax over all `K²` pairs restricted to positive gains, shifted by the maximum for
+  stability; uniform over all pairs if no gain is positive (NaN gains count as not
+  positive). Jitted; `temperature` is traced.
+
+  Args:
+    gain: `[K, K]` gain matrix.
+    temperature: softmax temperature `T > 0`.
+
+  Returns:
+    `[K, K]` probabilities summing to 1.
+  """
+  gain = _as_float(gain)
+  positive = gain > 0
+  scaled = jnp.where(positive, gain / temperature, -jnp.inf)
+  top = jnp.max(scaled)
+  any_positive = jnp.any(positive)
+  top = jnp.where(any_positive, top, 0.0)
+  weights = jnp.where(positive, jnp.exp(jnp.where(positive, scaled - top, 0.0)), 0.0)
+  total = jnp.sum(weights)
+  uniform = jnp.full_like(gain, 1.0 / gain.size)
+  return jnp.where(any_positive, weights / jnp.where(any_positive, total, 1.0), uniform)
+
+
+def make_gain_fn(
+    value_fn: Callable[..., jax.Array],
+    *,
+    mix_weight: float = 0.8,
+    temperature: float = 0.1,
+    form: str = "exact",
+    train_bias: bool = False,
+    chunk_size: Optional[int] = None,
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """Returns a jitted `fn(confusion, prototypes, kernel, bias, multipliers=None)`.
+
+  `fn` returns `(gain, pair_probs)`, both `[K, K]`. Build it once per run: it traces
+  once per input shape/dtype and not again when the values change between refreshes.
+  `mix_weight` and `temperature` are baked in as constants.
+
+  Args:
+    value_fn: objective `ψ(confusion[, multipliers])`, e.g. `objectives.get(name).value`.
+    mix_weight: `λ̄ = (λ_min + 1) / 2`.
+    temperature: temperature of `pair_distribution`.
+    form: see `gain_matrix`.
+    train_bias: see `gain_matrix`.
+    chunk_size: see `gain_matrix`.
+
+  Returns:
+    The jitted refresh function.
+  """
+  if form not in FORMS:
+    raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+
+  def refresh(confusion, prototypes, kernel, bias, multipliers=None):
+    gain = gain_matrix(
+        confusion, prototypes, kernel, bias, multipliers, value_fn=value_fn,
+        mix_weight=mix_weight, form=form, train_bias=train_bias, chunk_size=chunk_size)
+    return gain, pair_distribution(gain, temperature=temperature)
+
+  return jax.jit(refresh)
+
+
+__all__ = ["FORMS", "gain_rate", "gain_matrix", "pair_distribution", "make_gain_fn"]

@@ -1,0 +1,372 @@
+"""Tests for `selmix_jax.gains`: finite differences, a K⁴ loop oracle, closed forms."""
+
+import functools
+import importlib.util
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selmix_jax import gains
+
+if importlib.util.find_spec("selmix_jax.objectives") is not None:
+  from selmix_jax import objectives  # noqa: E402
+else:  # pragma: no cover - only while objectives.py is being written.
+  objectives = None
+
+
+# Local objectives (independent of `selmix_jax.objectives`). Priors are recomputed from C,
+# as a user's plain function of C would.
+def _recalls(confusion):
+  priors = confusion.sum(axis=-1)
+  safe = jnp.where(priors > 0, priors, 1.0)
+  return jnp.where(priors > 0, jnp.diagonal(confusion, axis1=-2, axis2=-1) / safe, 0.0)
+
+
+def _mean_recall(confusion, multipliers=None):
+  del multipliers
+  return _recalls(confusion).mean(axis=-1)
+
+
+def _min_recall(confusion, multipliers):
+  return jnp.sum(multipliers * _recalls(confusion), axis=-1)
+
+
+def _hmean(confusion, multipliers=None):
+  del multipliers
+  recalls = _recalls(confusion)
+  return recalls.shape[-1] / jnp.sum(1.0 / recalls, axis=-1)
+
+
+def _gmean(confusion, multipliers=None):
+  del multipliers
+  return jnp.exp(jnp.mean(jnp.log(_recalls(confusion)), axis=-1))
+
+
+def _local_multipliers(name, num_classes, confusion):
+  if name != "min_recall":
+    return jnp.zeros((0,))
+  multipliers = jax.nn.softmax(-50.0 * _recalls(confusion))
+  return 0.5 * multipliers + 0.5 / num_classes
+
+
+_LOCAL = {"mean_recall": _mean_recall, "min_recall": _min_recall, "hmean": _hmean, "gmean": _gmean}
+OBJECTIVE_NAMES = objectives.names() if objectives is not None else sorted(_LOCAL)
+
+
+def _objective(name, num_classes, confusion):
+  """Returns `(value_fn(confusion, multipliers), multipliers)` for `name`."""
+  if objectives is None:
+    return _LOCAL[name], _local_multipliers(name, num_classes, confusion)
+  obj = objectives.get(name)
+  multipliers = obj.init_multipliers(num_classes)
+  multipliers = obj.update_multipliers(multipliers, confusion)
+  return obj.value, multipliers
+
+
+def _problem(num_classes, dim, seed, dtype=None):
+  """Random prototypes Z, head (W, b), non-uniform priors (default float dtype)."""
+  rng = np.random.default_rng(seed)
+  prototypes = rng.normal(size=(num_classes, dim))
+  kernel = 0.5 * rng.normal(size=(dim, num_classes))
+  bias = 0.3 * rng.normal(size=(num_classes,))
+  priors = rng.dirichlet(np.full(num_classes, 2.0))
+  return tuple(jnp.asarray(x, dtype) for x in (prototypes, kernel, bias, priors))
+
+
+def _soft_confusion(prototypes, kernel, bias, priors):
+  return priors[:, None] * jax.nn.softmax(prototypes @ kernel + bias, axis=-1)
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+@pytest.mark.parametrize("name", OBJECTIVE_NAMES)
+def test_gain_matches_finite_difference_of_sgd_step(x64, name):
+  """G_ij == (ψ(C') - ψ(C)) / η after a real SGD step of the head, all pairs."""
+  del x64
+  num_classes, dim, mix_weight, lr = 5, 4, 0.8, 1e-5
+  prototypes, kernel, bias, priors = _problem(num_classes, dim, seed=1)
+  confusion = _soft_confusion(prototypes, kernel, bias, priors)
+  value_fn, multipliers = _objective(name, num_classes, confusion)
+  assert np.isfinite(float(value_fn(confusion, multipliers)))
+
+  def measured_change(i, j, train_bias):
+    mixed = mix_weight * prototypes[i] + (1 - mix_weight) * prototypes[j]
+
+    def loss(kernel, bias):
+      return -jax.nn.log_softmax(mixed @ kernel + bias)[i]
+
+    grad_kernel, grad_bias = jax.grad(loss, argnums=(0, 1))(kernel, bias)
+    new_kernel = kernel - lr * grad_kernel
+    new_bias = bias - lr * grad_bias if train_bias else bias
+    new_confusion = _soft_confusion(prototypes, new_kernel, new_bias, priors)
+    return (value_fn(new_confusion, multipliers) - value_fn(confusion, multipliers)) / lr
+
+  @jax.jit  # One compilation per objective for both bias settings and both forms.
+  def predicted_and_measured():
+    idx = jnp.arange(num_classes)
+    out = {}
+    for train_bias in (False, True):
+      measure = functools.partial(measured_change, train_bias=train_bias)
+      out[train_bias] = [jax.vmap(jax.vmap(measure, (None, 0)), (0, None))(idx, idx)] + [
+        gains.gain_matrix(
+          confusion,
+          prototypes,
+          kernel,
+          bias,
+          multipliers,
+          value_fn=value_fn,
+          mix_weight=mix_weight,
+          form=form,
+          train_bias=train_bias,
+          chunk_size=2,
+        )
+        for form in ("exact", "reference")
+      ]
+    return out
+
+  for train_bias, (measured, exact, reference) in predicted_and_measured().items():
+    scale = float(jnp.max(jnp.abs(measured)))
+    assert scale > 1e-6, "degenerate test problem"
+    np.testing.assert_allclose(
+      exact, measured, rtol=1e-3, atol=1e-3 * scale, err_msg=f"train_bias={train_bias}"
+    )
+    # The check has teeth: the reference form misses (1-λ̄) <z_j - z_i, z_q> D_qi.
+    assert float(jnp.max(jnp.abs(reference - measured))) > 1e-2 * scale
+
+
+def _loop_gain(value_fn, multipliers, confusion, prototypes, kernel, bias, mix_weight, train_bias):
+  """Slow oracle: explicit D and the K⁴ tensor L_ijql with Python loops."""
+  confusion, prototypes, kernel, bias = (
+    np.asarray(x, np.float64) for x in (confusion, prototypes, kernel, bias)
+  )
+  sens = np.asarray(jax.grad(value_fn)(jnp.asarray(confusion), multipliers))  # M
+  num_classes = confusion.shape[0]
+  priors = confusion.sum(axis=1)
+  rate = np.zeros((num_classes, num_classes))
+  for q in range(num_classes):
+    row_total = sum(sens[q, b] * confusion[q, b] for b in range(num_classes))
+    for l in range(num_classes):
+      rate[q, l] = sens[q, l] * confusion[q, l] - confusion[q, l] / priors[q] * row_total
+  extra = 1.0 if train_bias else 0.0
+  shape = (num_classes,) * 4
+  exact, reference = np.zeros(shape), np.zeros(shape)
+  for i in range(num_classes):
+    for j in range(num_classes):
+      mixed = mix_weight * prototypes[i] + (1 - mix_weight) * prototypes[j]
+      logits = mixed @ kernel + bias
+      probs = np.exp(logits - logits.max())
+      probs /= probs.sum()
+      for q in range(num_classes):
+        s_exact = mixed @ prototypes[q] + extra
+        s_ref = prototypes[i] @ prototypes[q] + extra
+        for l in range(num_classes):
+          delta = float(i == l)
+          exact[i, j, q, l] = s_exact * (delta - probs[l])
+          reference[i, j, q, l] = s_ref * delta - s_exact * probs[l]
+  return (np.einsum("ijql,ql->ij", exact, rate), np.einsum("ijql,ql->ij", reference, rate))
+
+
+@pytest.mark.parametrize("train_bias", [False, True])
+def test_gain_matches_loop_oracle_both_forms(x64, train_bias):
+  del x64
+  num_classes, dim, mix_weight = 4, 3, 0.7
+  prototypes, kernel, bias, priors = _problem(num_classes, dim, seed=2)
+  confusion = _soft_confusion(prototypes, kernel, bias, priors)
+  multipliers = jnp.asarray([0.1, 0.4, 0.2, 0.3])
+  want_exact, want_ref = _loop_gain(
+    _min_recall, multipliers, confusion, prototypes, kernel, bias, mix_weight, train_bias
+  )
+  for form, want in (("exact", want_exact), ("reference", want_ref)):
+    got = gains.gain_matrix(
+      confusion,
+      prototypes,
+      kernel,
+      bias,
+      multipliers,
+      value_fn=_min_recall,
+      mix_weight=mix_weight,
+      form=form,
+      train_bias=train_bias,
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+  # The two forms differ by (1-λ̄) Σ_q <z_j - z_i, z_q> D_qi.
+  assert np.abs(want_exact - want_ref).max() > 1e-6
+
+
+def test_gain_float32_close_to_float64():
+  num_classes, dim = 6, 5
+  with jax.enable_x64(True):
+    problem64 = [np.asarray(x) for x in _problem(num_classes, dim, seed=3)]
+  with jax.enable_x64(True):
+    problem = [jnp.asarray(x) for x in problem64]
+    want = gains.gain_matrix(_soft_confusion(*problem), *problem[:3], value_fn=_hmean)
+  problem = [jnp.asarray(x, jnp.float32) for x in problem64]
+  got = gains.gain_matrix(_soft_confusion(*problem), *problem[:3], value_fn=_hmean)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def _closed_form_rate(sens, confusion):
+  priors = confusion.sum(axis=1, keepdims=True)
+  return sens * confusion - confusion / priors * np.sum(sens * confusion, axis=1, keepdims=True)
+
+
+def test_gain_rate_equals_closed_form_mean_and_min_recall(x64):
+  del x64
+  num_classes = 5
+  prototypes, kernel, bias, priors = _problem(num_classes, 3, seed=4)
+  confusion = _soft_confusion(prototypes, kernel, bias, priors)
+  conf_np, pri_np = np.asarray(confusion), np.asarray(priors)
+  # SPEC M (priors held fixed): mean recall M_ql = δ_ql / (K π_q).
+  sens_mean = np.diag(1.0 / (num_classes * pri_np))
+  # Min recall ψ = Σ λ_q r_q: M_ql = δ_ql λ_q / π_q.
+  multipliers = np.array([0.3, 0.1, 0.25, 0.15, 0.2])
+  sens_min = np.diag(multipliers / pri_np)
+  cases = [(_mean_recall, None, sens_mean), (_min_recall, jnp.asarray(multipliers), sens_min)]
+  if objectives is not None:
+    mean_obj, min_obj = objectives.get("mean_recall"), objectives.get("min_recall")
+    cases += [
+      (mean_obj.value, mean_obj.init_multipliers(num_classes), sens_mean),
+      (min_obj.value, jnp.asarray(multipliers), sens_min),
+    ]
+  for value_fn, mult, sens in cases:
+    got = gains.gain_rate(value_fn, confusion, mult)
+    np.testing.assert_allclose(got, _closed_form_rate(sens, conf_np), rtol=1e-12, atol=1e-14)
+    # The rate's rows sum to zero (softmax invariance to a shift of the logits).
+    np.testing.assert_allclose(np.asarray(got).sum(axis=1), 0.0, atol=1e-14)
+
+
+def test_gain_rate_counts_equal_fractions():
+  confusion = jnp.asarray([[30, 5, 0], [2, 8, 0], [1, 1, 3]], jnp.int32)
+  from_counts = gains.gain_rate(_hmean, confusion)
+  from_fractions = gains.gain_rate(_hmean, confusion / confusion.sum())
+  assert from_counts.dtype == jnp.float32
+  np.testing.assert_allclose(from_counts, from_fractions, rtol=1e-5, atol=1e-7)
+
+
+def test_absent_class_and_zero_entries_are_finite():
+  confusion = jnp.asarray([[0.3, 0.1, 0.0], [0.0, 0.0, 0.0], [0.05, 0.0, 0.55]])
+  rate = gains.gain_rate(_mean_recall, confusion)
+  assert np.all(np.isfinite(rate))
+  np.testing.assert_array_equal(rate[1], 0.0)  # absent class
+  assert rate[0, 2] == 0.0 and rate[2, 1] == 0.0  # zero entries stay put
+  prototypes, kernel, bias, _ = _problem(3, 4, seed=5, dtype=np.float32)
+  gain = gains.gain_matrix(confusion, prototypes, kernel, bias, value_fn=_mean_recall, chunk_size=2)
+  assert np.all(np.isfinite(gain))
+
+
+def test_no_bias_head():
+  prototypes, kernel, _, priors = _problem(4, 3, seed=6, dtype=np.float32)
+  confusion = _soft_confusion(prototypes, kernel, 0.0, priors)
+  got = gains.gain_matrix(confusion, prototypes, kernel, None, value_fn=_gmean)
+  want = gains.gain_matrix(confusion, prototypes, kernel, jnp.zeros(4), value_fn=_gmean)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # bfloat16 features are promoted to float32.
+  low = gains.gain_matrix(confusion, prototypes.astype(jnp.bfloat16), kernel, None,
+                          value_fn=_gmean)
+  assert low.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("form", ["exact", "reference"])
+def test_chunked_matches_unchunked(form):
+  num_classes = 7
+  prototypes, kernel, bias, priors = _problem(num_classes, 5, seed=7, dtype=np.float32)
+  confusion = _soft_confusion(prototypes, kernel, bias, priors)
+  chunk_sizes = (num_classes, 1, 3, 4, 100, None)
+
+  @jax.jit  # One compilation for all chunk sizes.
+  def run_all(*args):
+    return [
+      gains.gain_matrix(*args, value_fn=_gmean, form=form, train_bias=True, chunk_size=chunk_size)
+      for chunk_size in chunk_sizes
+    ]
+
+  want, *others = run_all(confusion, prototypes, kernel, bias)
+  for chunk_size, got in zip(chunk_sizes[1:], others):
+    np.testing.assert_allclose(
+      got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(), err_msg=f"chunk_size={chunk_size}"
+    )
+
+
+def _refresh_inputs(seed, num_classes=6, dim=4):
+  prototypes, kernel, bias, priors = _problem(num_classes, dim, seed, dtype=np.float32)
+  confusion = _soft_confusion(prototypes, kernel, bias, priors)
+  multipliers = jax.nn.softmax(
+    jnp.asarray(np.random.default_rng(seed).normal(size=num_classes), jnp.float32)
+  )
+  return confusion, prototypes, kernel, bias, multipliers
+
+
+def test_no_retracing_across_refreshes():
+  chex.clear_trace_counter()
+
+  def gain_fn(confusion, prototypes, kernel, bias, multipliers):
+    return gains.gain_matrix(
+      confusion,
+      prototypes,
+      kernel,
+      bias,
+      multipliers,
+      value_fn=_min_recall,
+      chunk_size=4,
+      train_bias=True,
+    )
+
+  jitted = jax.jit(chex.assert_max_traces(gain_fn, n=1))
+  outputs = [jitted(*_refresh_inputs(seed)) for seed in range(3)]
+  assert not np.allclose(outputs[0], outputs[1])
+
+  # The factory: the objective is traced once however often the refresh runs.
+  value_fn = chex.assert_max_traces(_min_recall, n=1)
+  refresh = gains.make_gain_fn(value_fn, mix_weight=0.8, temperature=0.1, chunk_size=4)
+  for seed in range(3):
+    inputs = _refresh_inputs(seed)
+    gain, probs = refresh(*inputs)
+    np.testing.assert_allclose(
+      gain, gains.gain_matrix(*inputs, value_fn=_min_recall, chunk_size=4), rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(
+      probs, gains.pair_distribution(gain, temperature=0.1), rtol=1e-6, atol=1e-8
+    )
+  assert refresh._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_invalid_form():
+  with pytest.raises(ValueError):
+    gains.gain_matrix(jnp.eye(2), jnp.eye(2), jnp.eye(2), None, value_fn=_mean_recall, form="paper")
+
+
+def test_pair_distribution_masks_non_positive_gains():
+  gain = jnp.asarray([[0.2, -0.1], [0.0, 0.1]])
+  probs = gains.pair_distribution(gain, temperature=0.1)
+  e = np.exp([2.0, 1.0])
+  np.testing.assert_allclose(probs, [[e[0] / e.sum(), 0.0], [0.0, e[1] / e.sum()]], rtol=1e-6)
+  np.testing.assert_allclose(float(probs.sum()), 1.0, rtol=1e-6)
+
+
+def test_pair_distribution_uniform_fallback():
+  for gain in (jnp.asarray([[-1.0, 0.0, -3.0]] * 3), jnp.zeros((3, 3))):
+    np.testing.assert_allclose(gains.pair_distribution(gain), np.full((3, 3), 1 / 9), rtol=1e-6)
+
+
+def test_pair_distribution_temperature_and_stability():
+  gain = jnp.asarray(np.random.default_rng(8).normal(size=(5, 5)), jnp.float32)
+  hot = gains.pair_distribution(gain, temperature=10.0)
+  cold = gains.pair_distribution(gain, temperature=0.01)
+  positive = np.asarray(gain) > 0
+  # High temperature: nearly uniform over the positive pairs; low: all mass on the max.
+  np.testing.assert_allclose(hot[positive], 1 / positive.sum(), rtol=0.2)
+  assert float(cold.max()) > 0.99 and int(cold.argmax()) == int(gain.argmax())
+  # Huge gains do not overflow.
+  big = gains.pair_distribution(1e6 * gain, temperature=0.1)
+  assert np.all(np.isfinite(big)) and abs(float(big.sum()) - 1.0) < 1e-6
+  np.testing.assert_array_equal(np.asarray(big)[~positive], 0.0)
+  jitted = jax.jit(gains.pair_distribution)(gain, temperature=0.5)
+  np.testing.assert_allclose(jitted, gains.pair_distribution(gain, temperature=0.5), rtol=1e-6)

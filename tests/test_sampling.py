@@ -1,0 +1,150 @@
+"""Tests for `selmix_jax.sampling.PairSampler`."""
+
+import logging
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from selmix_jax import sampling
+
+K = 4
+LABELS = np.repeat(np.arange(K), [50, 20, 7, 3])[np.random.default_rng(0).permutation(80)]
+PAIR_PROBS = np.array(
+  [
+    [0.10, 0.20, 0.00, 0.05],
+    [0.00, 0.15, 0.10, 0.00],
+    [0.05, 0.00, 0.20, 0.05],
+    [0.00, 0.10, 0.00, 0.00],
+  ]
+)
+
+
+def _draw(sampler, table, num_batches, batch_size=500, seed=0):
+  batches = [sampler.sample(table, batch_size, seed=seed, step=step) for step in range(num_batches)]
+  return [np.concatenate(parts) for parts in zip(*batches)]
+
+
+def _pair_counts(y1, y2):
+  return np.bincount(y1 * K + y2, minlength=K * K).reshape(K, K)
+
+
+def _assert_chisquare(observed, expected_probs):
+  expected_probs = np.asarray(expected_probs, np.float64)
+  support = expected_probs > 0
+  np.testing.assert_array_equal(observed[~support], 0)
+  total = observed.sum()
+  result = stats.chisquare(
+    observed[support], total * expected_probs[support] / expected_probs[support].sum()
+  )
+  assert result.pvalue > 1e-3, result
+
+
+@pytest.mark.parametrize("floor", [None, 0.0, 0.3])
+def test_pair_frequencies_match_distribution_with_floor(floor):
+  sampler = sampling.PairSampler(LABELS, num_classes=K)
+  table = sampler.prepare(PAIR_PROBS, floor=floor)
+  weight = 1 / K if floor is None else floor
+  want = (1 - weight) * PAIR_PROBS / PAIR_PROBS.sum() + weight / K**2
+  np.testing.assert_allclose(table.probs, want, rtol=1e-12)
+  _, _, y1, y2 = _draw(sampler, table, num_batches=40)
+  _assert_chisquare(_pair_counts(y1, y2), want)
+
+
+def test_indices_belong_to_drawn_classes_and_are_uniform_within_class():
+  partner = np.random.default_rng(1).integers(-1, K, size=300)  # -1: no pseudo-label
+  sampler = sampling.PairSampler(LABELS, partner, num_classes=K)
+  idx1, idx2, y1, y2 = _draw(sampler, sampler.prepare(PAIR_PROBS), num_batches=20)
+  np.testing.assert_array_equal(LABELS[idx1], y1)
+  np.testing.assert_array_equal(partner[idx2], y2)
+  assert np.all(partner[idx2] >= 0)
+  for cls in range(K):
+    members = np.flatnonzero(LABELS == cls)
+    hits = np.bincount(idx1[y1 == cls], minlength=len(LABELS))
+    np.testing.assert_array_equal(hits[np.setdiff1d(np.arange(len(LABELS)), members)], 0)
+    _assert_chisquare(hits[members], np.ones(len(members)))
+
+
+def test_deterministic_in_seed_and_step():
+  sampler = sampling.PairSampler(LABELS, num_classes=K)
+  table = sampler.prepare(PAIR_PROBS)
+  first = sampler.sample(table, 64, seed=3, step=7)
+  again = sampling.PairSampler(LABELS.copy(), num_classes=K).sample(
+    PAIR_PROBS, 64, seed=3, step=7
+  )  # a fresh sampler and a raw array: same batch
+  for a, b in zip(first, again):
+    np.testing.assert_array_equal(a, b)
+  for other in (
+    sampler.sample(table, 64, seed=3, step=8),
+    sampler.sample(table, 64, seed=4, step=7),
+  ):
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+
+
+def test_shards_tile_the_global_batch():
+  sampler = sampling.PairSampler(LABELS, num_classes=K)
+  table = sampler.prepare(PAIR_PROBS)
+  full = sampler.sample(table, 64, seed=0, step=5)
+  shards = [
+    sampler.sample(table, 64, seed=0, step=5, num_shards=4, shard_index=i) for i in range(4)
+  ]
+  for a, parts in zip(full, zip(*shards)):
+    np.testing.assert_array_equal(a, np.concatenate(parts))
+  with pytest.raises(ValueError):
+    sampler.sample(table, 63, seed=0, step=5, num_shards=4)
+
+
+def test_absent_class_gets_zero_mass_and_is_logged_once(caplog):
+  labels = np.where(LABELS == 2, 0, LABELS)  # class 2 has no labeled examples
+  partner = np.array([0, 1, 2, 2, 0, 1])  # class 3 has no partner examples
+  with caplog.at_level(logging.INFO):
+    sampler = sampling.PairSampler(labels, partner, num_classes=K)
+    table = sampler.prepare(PAIR_PROBS)
+    sampler.prepare(PAIR_PROBS)
+    sampler.sample(PAIR_PROBS, 8, seed=0, step=0)
+  np.testing.assert_array_equal(table.probs[2], 0.0)
+  np.testing.assert_array_equal(table.probs[:, 3], 0.0)
+  np.testing.assert_allclose(table.probs.sum(), 1.0)
+  def num_warnings():
+    return sum(r.levelno == logging.WARNING for r in caplog.records)
+
+  assert num_warnings() == 1, caplog.text
+  # New pseudo-labels with the same absent classes: no new warning; different ones: one.
+  with caplog.at_level(logging.INFO):
+    same = sampler.with_partner_labels(partner[::-1])
+    same.prepare(PAIR_PROBS)
+    assert num_warnings() == 1, caplog.text
+    changed = same.with_partner_labels(np.array([0, 1, 3]))
+    changed.prepare(PAIR_PROBS)
+    changed.prepare(PAIR_PROBS)
+    assert num_warnings() == 2, caplog.text
+  np.testing.assert_array_equal(changed.prepare(PAIR_PROBS).probs[:, 2], 0.0)
+  np.testing.assert_array_equal(sampler.class_counts[1], [2, 2, 2, 0])  # unchanged
+  _, _, y1, y2 = _draw(sampler, table, num_batches=10)
+  assert not np.any(y1 == 2) and not np.any(y2 == 3)
+  _assert_chisquare(_pair_counts(y1, y2), table.probs)
+
+
+def test_with_partner_labels_replaces_pool_two_only():
+  sampler = sampling.PairSampler(LABELS, np.zeros(10, np.int64), num_classes=K)
+  _, _, _, y2 = sampler.sample(PAIR_PROBS, 200, seed=0, step=0)
+  assert np.all(y2 == 0)
+  new = sampler.with_partner_labels(np.full(10, 1))
+  idx1, idx2, y1, y2 = new.sample(PAIR_PROBS, 200, seed=0, step=0)
+  assert np.all(y2 == 1) and np.all(idx2 < 10)
+  np.testing.assert_array_equal(LABELS[idx1], y1)
+  np.testing.assert_array_equal(new.class_counts[0], sampler.class_counts[0])
+
+
+def test_no_floor_and_only_impossible_pairs_raises():
+  sampler = sampling.PairSampler(np.array([0, 0, 1]), num_classes=3)
+  probs = np.zeros((3, 3))
+  probs[2, 2] = 1.0
+  with pytest.raises(ValueError):
+    sampler.prepare(probs, floor=0.0)
+  table = sampler.prepare(probs)  # the floor keeps the possible pairs alive
+  np.testing.assert_allclose(table.probs[:2, :2], 0.25)
+  with pytest.raises(ValueError):
+    sampler.prepare(-probs)
+  with pytest.raises(ValueError):
+    sampling.PairSampler(np.array([0, 3]), num_classes=3)
