@@ -21,9 +21,15 @@ Recalls follow the absent-class rule of `selmix_jax.metrics` (a class without
 validation examples is left out of recall aggregates, and gets multiplier 0 in
 `min_recall`; a head/tail group without present classes gets multiplier 0 and
 contributes 0 to psi). Coverage constraints apply to every class. An all-zero
-confusion matrix leaves the multipliers unchanged.  Note that `gmean` and `hmean` are exactly 0 with a
-zero gradient while some present class has zero validation recall (the true gradient
-is infinite or undefined there), so their gains vanish in that regime.
+confusion matrix leaves the multipliers unchanged.
+
+G-mean and H-mean are exactly 0, with zero gradient, while some present class has zero
+validation recall (the true gradient is infinite there), which would make every gain 0
+exactly when SelMix is most needed. So the `psi` of `gmean`, `hmean` and the H-mean
+coverage objectives uses recalls smoothed as `r_i + recall_smoothing` (default 1e-3,
+far below one validation example's share of a class): a zero-recall class then gets
+the largest weight in `dpsi/dC`, as the limit suggests. `target` reports the exact
+metric.
 
 A new objective is one function of the confusion matrix::
 
@@ -55,6 +61,7 @@ DEFAULT_HPARAMS = {
   "tau": 0.01,
   "multiplier_max": 100.0,
   "head_mask": None,
+  "recall_smoothing": 1e-3,
 }
 
 
@@ -178,7 +185,7 @@ def _register_builtin(name):
           f"known: {sorted(DEFAULT_HPARAMS)}."
         )
       merged = {**DEFAULT_HPARAMS, **hparams}
-      for key in ("omega", "beta", "alpha", "tau", "multiplier_max"):
+      for key in ("omega", "beta", "alpha", "tau", "multiplier_max", "recall_smoothing"):
         merged[key] = float(merged[key])
       return build(name, **merged)
 
@@ -315,20 +322,59 @@ def _min_head_tail_recall(name, *, omega, head_mask, **unused):
   return _unconstrained(name, base, init, update, value)
 
 
+def _smoothed_recalls(c: Array, smoothing: float) -> tuple[Array, Array]:
+  """`(r + smoothing, present)`: recalls of the present classes, shifted away from 0."""
+  present = metrics.present_classes(c)
+  return metrics.recalls(c, absent_value=1.0) + smoothing, present
+
+
+def _smoothed_gmean(smoothing: float):
+  """G-mean of `r_i + smoothing` over present classes (the gain's psi for `gmean`)."""
+
+  def fn(c):
+    r, present = _smoothed_recalls(c, smoothing)
+    mean_log = _safe_div(jnp.where(present, jnp.log(r), 0.0).sum(-1), present.sum(-1), 0.0)
+    return jnp.exp(mean_log)
+
+  return fn
+
+
+def _smoothed_hmean(smoothing: float):
+  """H-mean of `r_i + smoothing` over present classes (the gain's psi for `hmean`)."""
+
+  def fn(c):
+    r, present = _smoothed_recalls(c, smoothing)
+    return _safe_div(present.sum(-1).astype(r.dtype), jnp.where(present, 1.0 / r, 0.0).sum(-1), 0.0)
+
+  return fn
+
+
 @_register_builtin("gmean")
-def _gmean(name, **unused):
+def _gmean(name, *, recall_smoothing, **unused):
   del unused
-  return _unconstrained(name, metrics.gmean_recall, _no_multipliers, _keep_multipliers)
+  psi = _smoothed_gmean(recall_smoothing)
+  return _unconstrained(
+    name, metrics.gmean_recall, _no_multipliers, _keep_multipliers, lambda c, m: psi(c)
+  )
 
 
 @_register_builtin("hmean")
-def _hmean(name, **unused):
+def _hmean(name, *, recall_smoothing, **unused):
   del unused
-  return _unconstrained(name, metrics.hmean_recall, _no_multipliers, _keep_multipliers)
+  psi = _smoothed_hmean(recall_smoothing)
+  return _unconstrained(
+    name, metrics.hmean_recall, _no_multipliers, _keep_multipliers, lambda c, m: psi(c)
+  )
 
 
-def _constrained(name, base_fn, coverage_fn, num_constraints, *, alpha, tau, multiplier_max):
-  """`(base + sum_k lambda_k (cov_k - alpha/K)) / (1 + max lambda)` for cov_k in coverage_fn."""
+def _constrained(
+  name, base_fn, coverage_fn, num_constraints, *, alpha, tau, multiplier_max, psi_base_fn=None
+):
+  """`(base + sum_k lambda_k (cov_k - alpha/K)) / (1 + max lambda)` for cov_k in coverage_fn.
+
+  `psi_base_fn` (default `base_fn`) replaces `base_fn` inside `value` (smoothed H-mean).
+  """
+  psi_base_fn = psi_base_fn or base_fn
 
   def threshold(c):
     return alpha / c.shape[-1]
@@ -344,7 +390,7 @@ def _constrained(name, base_fn, coverage_fn, num_constraints, *, alpha, tau, mul
   def value(confusion, multipliers):
     c = _normalise(confusion)
     gaps = coverage_fn(c) - threshold(c)
-    total = base_fn(c) + (multipliers * gaps).sum(-1)
+    total = psi_base_fn(c) + (multipliers * gaps).sum(-1)
     return total / (1.0 + multipliers.max(-1, initial=0.0))
 
   def target(confusion):
@@ -371,11 +417,12 @@ def _mean_recall_min_coverage(name, *, alpha, tau, multiplier_max, **unused):
 
 
 @_register_builtin("hmean_min_coverage")
-def _hmean_min_coverage(name, *, alpha, tau, multiplier_max, **unused):
+def _hmean_min_coverage(name, *, alpha, tau, multiplier_max, recall_smoothing, **unused):
   del unused
   return _constrained(
       name, metrics.hmean_recall, metrics.coverages, lambda k: k,
       alpha=alpha, tau=tau, multiplier_max=multiplier_max,
+      psi_base_fn=_smoothed_hmean(recall_smoothing),
   )  # fmt: skip
 
 
@@ -389,9 +436,12 @@ def _mean_recall_head_tail_coverage(name, *, alpha, tau, multiplier_max, head_ma
 
 
 @_register_builtin("hmean_head_tail_coverage")
-def _hmean_head_tail_coverage(name, *, alpha, tau, multiplier_max, head_mask, **unused):
+def _hmean_head_tail_coverage(
+  name, *, alpha, tau, multiplier_max, head_mask, recall_smoothing, **unused
+):
   del unused
   return _constrained(
       name, metrics.hmean_recall, _head_tail_coverage_fn(head_mask), lambda k: 2,
       alpha=alpha, tau=tau, multiplier_max=multiplier_max,
+      psi_base_fn=_smoothed_hmean(recall_smoothing),
   )  # fmt: skip

@@ -65,15 +65,16 @@ def np_coverage_update(cov, *, alpha, tau, lmax, num_classes):
   return np.array(out)
 
 
-def np_value(name, cm, multipliers, *, alpha=0.95):
-  """SPEC §3 psi, written out independently (all classes present)."""
+def np_value(name, cm, multipliers, *, alpha=0.95, smoothing=1e-3):
+  """SPEC §3 psi, written out independently (all classes present); G-/H-mean use the
+  smoothed recalls `r + smoothing` of the module docstring."""
   cm = np.asarray(cm, np.float64)
   c = cm / cm.sum()
   prior = c.sum(1)
   r = np_recalls(cm)
   cov = np_coverages(cm)
   num_classes = len(c)
-  base = np.mean(r) if name.startswith("mean_recall") else np_hmean(r)
+  base = np.mean(r) if name.startswith("mean_recall") else np_hmean(r + smoothing)
   if name == "mean_recall":
     return sum(c[i, i] / prior[i] for i in range(num_classes)) / num_classes
   if name == "min_recall":
@@ -81,9 +82,9 @@ def np_value(name, cm, multipliers, *, alpha=0.95):
   if name == "min_head_tail_recall":
     return float(np.dot(multipliers, np_head_tail(r)))
   if name == "gmean":
-    return np.prod(r) ** (1.0 / num_classes)
+    return np.prod(r + smoothing) ** (1.0 / num_classes)
   if name == "hmean":
-    return np_hmean(r)
+    return np_hmean(r + smoothing)
   if name.endswith("min_coverage"):
     gaps = cov - alpha / num_classes
   else:
@@ -260,7 +261,8 @@ def test_satisfied_constraints():
     np.testing.assert_allclose(out["constraint_gap"], 0.05 / K, rtol=1e-4)
     m = obj.update_multipliers(obj.init_multipliers(K), cm)
     np.testing.assert_array_equal(m, np.zeros_like(m))
-    np.testing.assert_allclose(obj.value(cm, m), 1.0, rtol=1e-5)  # Zero multipliers.
+    # Zero multipliers; H-mean variants use recalls + 1e-3 (recall_smoothing) in psi.
+    np.testing.assert_allclose(obj.value(cm, m), 1.0, rtol=1.5e-3)
 
 
 @jax.jit
@@ -394,3 +396,27 @@ def test_numerical_core_imports_without_training_stack():
   )
   root = pathlib.Path(__file__).resolve().parents[1]
   subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["gmean", "hmean", "hmean_min_coverage"])
+def test_zero_recall_class_still_gets_the_largest_gain_weight(name):
+  # Class 2 has examples but is never predicted correctly: the exact G-/H-mean is 0 with zero
+  # gradient; the smoothed psi must point at raising class 2's recall.
+  cm = np.array([[8, 1, 1], [1, 7, 2], [3, 3, 0]], np.float32)
+  obj = objectives.get(name)
+  multipliers = obj.update_multipliers(obj.init_multipliers(3), cm)
+  assert float(obj.target(cm)["target"]) == 0.0
+  grad = np.asarray(jax.grad(obj.value)(jnp.asarray(cm), multipliers))
+  assert np.all(np.isfinite(grad))
+  diag = np.diag(grad)
+  assert diag[2] > 0 and diag[2] > 10 * max(diag[0], diag[1])
+
+
+def test_smoothing_is_negligible_when_recalls_are_positive():
+  cm = random_confusion(3)
+  for name, exact in (("gmean", metrics.gmean_recall), ("hmean", metrics.hmean_recall)):
+    value = float(objectives.get(name).value(cm, jnp.zeros((0,))))
+    np.testing.assert_allclose(value, float(exact(cm)), atol=2e-3)
+    assert float(objectives.get(name, recall_smoothing=0.0).value(cm, jnp.zeros((0,)))) == (
+      pytest.approx(float(exact(cm)), rel=1e-5)
+    )
