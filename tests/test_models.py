@@ -1,0 +1,184 @@
+"""Tests for selmix_jax.models and selmix_jax.optim."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from selmix_jax import models, optim
+
+# Small variants keep compilation fast; the full-size ones are checked with eval_shape only.
+# `modes`: the train flags checked (train mode for one model only: the Classifier code path
+# is shared, and each mode of a deep model costs a compile).
+# The ResNets are shallow versions of the same modules (full sizes: test_full_size_shapes).
+_SMALL = [
+  ("cnn_small", dict(width=4), (8, 8, 1), 8, (False, True)),
+  ("wrn", dict(depth=10, widen_factor=1), (8, 8, 3), 64, (False,)),
+  ("cifar_resnet8", dict(blocks_per_stage=1), (8, 8, 3), 64, (False,)),
+  ("resnet_tiny", dict(stage_sizes=(1, 1), width=4), (16, 16, 3), 32, (False,)),
+]
+
+
+def _small_model(name, num_classes, **kwargs):
+  if name == "cifar_resnet8":
+    return models.Classifier(backbone=models.CifarResNet(**kwargs), num_classes=num_classes)
+  if name == "resnet_tiny":
+    return models.Classifier(backbone=models.ResNet(**kwargs), num_classes=num_classes)
+  return models.get(name, num_classes=num_classes, **kwargs)
+
+
+def _init(model, shape, seed=0):
+  # One compiled call instead of many op-by-op dispatches.
+  return jax.jit(lambda k: model.init(k, jnp.zeros((1, *shape)), train=False))(jax.random.key(seed))
+
+
+def test_registry_names_and_unknown():
+  assert {"wrn28_2", "wrn", "resnet32", "resnet50", "cnn_small"} <= set(models.names())
+  with pytest.raises(ValueError, match="wrn28_2"):
+    models.get("vgg16", num_classes=10)
+
+
+@pytest.mark.parametrize(
+  "name,feature_dim,num_params",
+  [("wrn28_2", 128, 1_467_610), ("resnet32", 64, 464_154), ("resnet50", 2048, None)],
+)
+def test_full_size_shapes(name, feature_dim, num_params):
+  model = models.get(name, num_classes=10)
+  shape = (2, 32, 32, 3)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+  head = variables["params"]["head"]
+  assert head["kernel"].shape == (feature_dim, 10)
+  assert head["bias"].shape == (10,)
+  if num_params is not None:  # WRN-28-2 ~1.5M and ResNet-32 ~0.46M, as published.
+    assert sum(x.size for x in jax.tree.leaves(variables["params"])) == num_params
+  feats = jax.eval_shape(
+    lambda v: model.apply(v, jnp.zeros(shape), train=False, method="features"), variables
+  )
+  assert feats.shape == (2, feature_dim)
+
+
+@pytest.mark.parametrize("name,kwargs,shape,feature_dim,modes", _SMALL)
+def test_features_classify_consistent(name, kwargs, shape, feature_dim, modes):
+  model = _small_model(name, 5, **kwargs)
+  variables = _init(model, shape)
+  assert variables["params"]["head"]["kernel"].shape == (feature_dim, 5)
+  x = jax.random.normal(jax.random.key(1), (3, *shape))
+
+  @jax.jit
+  def run(variables, x):
+    out = {}
+    for train in modes:
+      mutable = ["batch_stats"] if train else False
+      logits = model.apply(variables, x, train=train, mutable=mutable)
+      feats = model.apply(variables, x, train=train, method="features", mutable=mutable)
+      if train:
+        logits, feats = logits[0], feats[0]
+      out[train] = logits, feats, model.apply(variables, feats, method="classify")
+    return out
+
+  for logits, feats, again in run(variables, x).values():
+    assert logits.shape == (3, 5) and feats.shape == (3, feature_dim)
+    np.testing.assert_allclose(again, logits, rtol=1e-5, atol=1e-5)
+    # The head is a plain affine map W^T g + b.
+    head = variables["params"]["head"]
+    np.testing.assert_allclose(feats @ head["kernel"] + head["bias"], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_modes():
+  model = models.get("cnn_small", num_classes=3, width=4)
+  variables = _init(model, (8, 8, 1))
+  x = 3.0 + jax.random.normal(jax.random.key(2), (4, 8, 8, 1))
+  _, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+    variables, x
+  )
+  changed = jax.tree.map(
+    lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updates["batch_stats"]
+  )
+  assert all(jax.tree.leaves(changed))
+  # Flax momentum 0.9: new mean = 0.9 * 0 + 0.1 * batch mean of the first conv's output.
+  first = updates["batch_stats"]["backbone"]["BatchNorm_0"]["mean"]
+  conv_out = jax.jit(
+    lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+  )(x, variables["params"]["backbone"]["Conv_0"]["kernel"])
+  np.testing.assert_allclose(first, 0.1 * conv_out.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5)
+
+
+def test_wrn_bn_momentum():
+  model = models.get("wrn", num_classes=3, depth=10, widen_factor=1)
+  assert model.backbone.bn_momentum == 0.999
+  assert models.get("resnet32", num_classes=3).backbone.bn_momentum == 0.9
+
+
+# ------------------------------------------------------------------------------------------
+# Optimisers.
+
+
+@functools.cache
+def _params():
+  model = models.get("cnn_small", num_classes=3, width=2)
+  return _init(model, (8, 8, 1))["params"]
+
+
+def test_param_labels():
+  labels = optim.selmix_param_labels(_params())
+  assert labels["head"] == {"kernel": "head", "bias": "head"}
+  assert labels["backbone"]["Conv_0"]["kernel"] == "backbone"
+  assert labels["backbone"]["BatchNorm_0"] == {"scale": "frozen", "bias": "frozen"}
+  mask = optim.weight_decay_mask(_params())
+  assert mask["head"] == {"kernel": True, "bias": False}
+  assert mask["backbone"]["BatchNorm_0"] == {"scale": False, "bias": False}
+
+
+def test_selmix_optimizer_groups():
+  params = _params()
+  lr, wd = 0.5, 0.01
+  tx = optim.make_selmix_optimizer(params, learning_rate=lambda count: lr, weight_decay=wd)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  labels = optim.selmix_param_labels(params)
+  mask = optim.weight_decay_mask(params)
+
+  def expected(label, decay, p, g):
+    rule = -lr * (g + (wd * p if decay else 0.0))  # plain SGD step of the head's group
+    return {"head": rule, "backbone": 0.1 * rule, "frozen": 0.0 * p}[label]
+
+  want = jax.tree.map(expected, labels, mask, params, grads)
+  for got, exp in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
+    np.testing.assert_allclose(got, exp, rtol=1e-6, atol=1e-8)
+  bn = updates["backbone"]["BatchNorm_1"]
+  assert not np.any(bn["scale"]) and not np.any(bn["bias"])
+  # Plain SGD, no momentum: a second step with the same gradient repeats the first update.
+  state = tx.init(params)
+  u1, state = tx.update(grads, state, params)
+  u2, _ = tx.update(grads, state, params)
+  for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_pretrain_optimizer_decay_on_kernels_only():
+  params = _params()
+  lr, wd, m = 0.1, 5e-4, 0.9
+  tx = optim.make_pretrain_optimizer(learning_rate=lr, momentum=m, weight_decay=wd)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  assert not np.any(updates["head"]["bias"])
+  assert not np.any(updates["backbone"]["BatchNorm_0"]["scale"])
+  # Nesterov's first step is (1 + m) times the gradient, here the decay term wd * w.
+  np.testing.assert_allclose(
+    updates["head"]["kernel"], -lr * (1 + m) * wd * params["head"]["kernel"], rtol=1e-5
+  )
+
+
+def test_schedules():
+  cos = optim.cosine_schedule(0.2, 100)
+  np.testing.assert_allclose([cos(0), cos(50), cos(100)], [0.2, 0.1, 0.0], atol=1e-7)
+  fm = optim.fixmatch_cosine_schedule(0.03, 1000)
+  np.testing.assert_allclose(fm(0), 0.03, rtol=1e-6)
+  np.testing.assert_allclose(fm(500), 0.03 * np.cos(7 * np.pi / 32), rtol=1e-5)
+  np.testing.assert_allclose(fm(1000), 0.03 * np.cos(7 * np.pi / 16), rtol=1e-5)
+  assert isinstance(optax.sgd(cos), optax.GradientTransformation)
