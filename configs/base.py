@@ -1,0 +1,105 @@
+"""Shared defaults of every config (SPEC §6, §7); settings override a few fields.
+
+Not a runnable config itself: `get_config()` here returns the defaults, which the setting files
+(`cifar10_lt_ssl.py`, ...) import and change.
+"""
+
+import ml_collections
+
+OBJECTIVES = (
+    "mean_recall",
+    "min_recall",
+    "min_head_tail_recall",
+    "gmean",
+    "hmean",
+    "mean_recall_min_coverage",
+    "hmean_min_coverage",
+    "mean_recall_head_tail_coverage",
+    "hmean_head_tail_coverage",
+)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.mode = "pretrain_and_selmix"
+  config.seed = 0
+  config.eval_batch_size = 256
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "digits"
+  config.data.root = ""
+  config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  config.data.cache_dir = ml_collections.FieldReference(None, field_type=str)
+  config.data.image_size = ml_collections.FieldReference(None, field_type=int)
+  config.data.labeled_max = 90
+  config.data.labeled_imbalance = 10.0
+  config.data.unlabeled_max = 0
+  config.data.unlabeled_imbalance = 1.0
+  config.data.val_per_class = 30
+  config.data.val_flip = False
+  config.data.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "cnn_small"
+  config.model.kwargs = ml_collections.ConfigDict()
+
+  # Pre-training (SPEC §7).
+  config.pretrain = ml_collections.ConfigDict()
+  config.pretrain.method = "supervised"  # or 'fixmatch'
+  config.pretrain.num_steps = 1000
+  config.pretrain.batch_size = 64
+  config.pretrain.unlabeled_ratio = 2  # FixMatch mu (the authors' setting)
+  config.pretrain.learning_rate = 0.03
+  config.pretrain.schedule = "cosine"  # or 'fixmatch_cosine'
+  config.pretrain.momentum = 0.9
+  config.pretrain.nesterov = True
+  config.pretrain.weight_decay = 5e-4
+  config.pretrain.logit_adjust_tau = 1.0  # 0 -> plain cross-entropy
+  config.pretrain.threshold = 0.95
+  config.pretrain.unlabeled_weight = 1.0
+  config.pretrain.ema_decay = 0.999
+  config.pretrain.log_every = 50
+  config.pretrain.eval_every = 500
+  config.pretrain.checkpoint_every = 500
+
+  # SelMix fine-tuning (SPEC §6).
+  config.selmix = ml_collections.ConfigDict()
+  config.selmix.init_checkpoint = ""
+  config.selmix.use_ema = True
+  config.selmix.num_steps = 10_000
+  config.selmix.batch_size = 64
+  config.selmix.learning_rate = 3e-4
+  config.selmix.backbone_lr_mult = 0.1
+  config.selmix.weight_decay = 5e-4
+  config.selmix.mix_weight_min = 0.6
+  config.selmix.refresh_every = 50
+  config.selmix.temperature = 0.1
+  config.selmix.floor = ml_collections.FieldReference(None, field_type=float)  # None -> 1/K
+  config.selmix.gain_form = "exact"  # or 'reference' (the authors' release)
+  config.selmix.train_bias = False
+  config.selmix.gain_chunk_size = ml_collections.FieldReference(None, field_type=int)
+  config.selmix.pairs = "gain"  # controls: 'uniform' pairs, 'instance' sampling
+  config.selmix.partner_pool = "labeled"  # 'unlabeled' for semi-supervised (pseudo-labels)
+  config.selmix.early_stop = False
+  config.selmix.early_stop_window = 10
+  config.selmix.early_stop_tol = 0.05
+  config.selmix.log_every = 50
+  config.selmix.eval_every = 1000
+  config.selmix.checkpoint_every = 500
+
+  config.objective = ml_collections.ConfigDict()
+  config.objective.name = "min_recall"
+  config.objective.hparams = ml_collections.ConfigDict()
+  return config
+
+
+def selmix_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
+  """Applies a `:pretrain` or `:<objective>` suffix of `--config=file.py:<arg>`."""
+  if not arg or arg == "pretrain":
+    config.mode = "pretrain"
+    return config
+  if arg not in OBJECTIVES:
+    raise ValueError(f"Config variant {arg!r}: expected 'pretrain' or one of {OBJECTIVES}.")
+  config.mode = "selmix"
+  config.objective.name = arg
+  return config

@@ -1,0 +1,72 @@
+r"""CIFAR-10-LT on this project's CPU, from the offline JPEG copy (issue 6 protocol).
+
+Data: `../shared/data/cifar10-jpeg.zip` (CIFAR-10 as JPEG, SPEC §10) through the image-folder
+source; balanced validation of 500 per class (plus flips) held out of train; labeled set
+long-tailed with N1 = 4500, rho = 100; test = the 10,000 test images. ResNet-32, supervised
+logit-adjusted cross-entropy pre-training with weak augmentation, then fine-tuning runs that
+share one step budget:
+
+  python launch/main.py --config=configs/cifar10_lt_cpu.py:pretrain --workdir=runs/c10cpu/pre
+  python launch/main.py --config=configs/cifar10_lt_cpu.py:min_recall \
+    --config.selmix.init_checkpoint=runs/c10cpu/pre/checkpoints --workdir=runs/c10cpu/min_recall
+  # controls: `:plain_ft` (cross-entropy fine-tuning, no mixup), `:uniform_mixup` (P uniform)
+  # seeds: --config.seed=1
+
+`benchmarks/cifar10_lt_cpu.sh` runs the whole protocol and writes the results table. The
+numbers it produced are in benchmarks/README.md (JPEG copy: a few points below real CIFAR-10;
+compare only with runs on the same copy).
+"""
+
+import os
+
+import ml_collections
+
+from configs import base
+
+VARIANTS = ("pretrain", "min_recall", "mean_recall", "gmean", "hmean",
+            "mean_recall_min_coverage", "plain_ft", "uniform_mixup")
+_ZIP = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10-jpeg.zip"
+)
+
+
+def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:
+  config = base.get_config()
+  config.data.name = "image_folder"
+  config.data.root = os.path.normpath(_ZIP)
+  config.data.labeled_max = 4500
+  config.data.labeled_imbalance = 100.0
+  config.data.val_per_class = 500
+  config.data.val_flip = True
+  config.eval_batch_size = 500
+  config.model.name = "resnet32"
+
+  config.pretrain.method = "supervised"
+  config.pretrain.num_steps = 2500
+  config.pretrain.batch_size = 128
+  config.pretrain.learning_rate = 0.1
+  config.pretrain.weight_decay = 5e-4
+  config.pretrain.logit_adjust_tau = 1.0
+  config.pretrain.log_every = 100
+  config.pretrain.eval_every = 1000
+  config.pretrain.checkpoint_every = 500
+
+  config.selmix.use_ema = False
+  config.selmix.num_steps = 600
+  config.selmix.batch_size = 64
+  config.selmix.learning_rate = 0.01
+  config.selmix.refresh_every = 50
+  config.selmix.eval_every = 10_000
+  config.selmix.checkpoint_every = 100
+  config.selmix.log_every = 50
+
+  if arg == "plain_ft":
+    config.mode = "selmix"
+    config.selmix.pairs = "instance"
+    config.selmix.mix_weight_min = 1.0  # mix weight 1: the plain features of x1
+    return config
+  if arg == "uniform_mixup":
+    config.mode = "selmix"
+    config.selmix.pairs = "uniform"
+    return config
+  return base.selmix_variant(config, arg)

@@ -1,0 +1,137 @@
+"""Orbax checkpoints of plain dicts of arrays, with automatic resume.
+
+Checkpoints hold only nested dicts of NumPy arrays (no Flax classes), so a checkpoint loads in a
+notebook with `orbax.checkpoint.CheckpointManager(path).restore(step)`. Orbax writes each step into
+a temporary directory and renames it when complete, so a run killed mid-save leaves the previous
+checkpoint intact; `latest_step` only ever sees finished ones.
+
+Orbax refuses zero-size arrays (e.g. the empty multiplier vector of an objective without Lagrange
+multipliers); such leaves are left out on save and taken from the restore template.
+"""
+
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+def make_manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  """A manager over `directory` (created if missing) that keeps the newest `max_to_keep` steps."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _to_numpy(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def _drop_empty(tree: PyTree) -> PyTree:
+  if isinstance(tree, dict):
+    out = {k: _drop_empty(v) for k, v in tree.items()}
+    return {k: v for k, v in out.items() if v is not None}
+  return None if np.size(tree) == 0 else tree
+
+
+def _fill_empty(restored: PyTree, template: PyTree) -> PyTree:
+  if isinstance(template, dict):
+    return {k: _fill_empty(restored.get(k) if restored else None, v) for k, v in template.items()}
+  return template if np.size(template) == 0 else restored
+
+
+def save(manager: ocp.CheckpointManager, step: int, tree: PyTree, *, force: bool = False) -> None:
+  """Saves `tree` (nested dict of arrays) at `step`; asynchronous, atomic on completion."""
+  tree = _drop_empty(_to_numpy(tree))
+  manager.save(int(step), args=ocp.args.StandardSave(tree), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, template: PyTree, step: int | None = None) -> PyTree:
+  """Restores `step` (default: latest) into the structure of `template`.
+
+  Raises:
+    FileNotFoundError: there is no finished checkpoint.
+    ValueError: the checkpoint does not match `template` (names the first mismatching entry).
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"No finished checkpoint in {manager.directory}.")
+  template = _to_numpy(template)
+  stored = manager.item_metadata(step)
+  _check_compatible(stored, _drop_empty(template), where=f"{manager.directory}/{step}")
+  restored = manager.restore(step, args=ocp.args.StandardRestore(_drop_empty(template)))
+  return _fill_empty(restored, template)
+
+
+def _metadata_leaves(meta: PyTree) -> dict[str, tuple[int, ...]]:
+  """Flattens checkpoint metadata or a template to {'a/b/c': shape}."""
+  out = {}
+
+  def visit(node, prefix):
+    if isinstance(node, dict) or (hasattr(node, "items") and not hasattr(node, "shape")):
+      for k, v in node.items():
+        visit(v, f"{prefix}/{k}" if prefix else str(k))
+    else:
+      out[prefix] = tuple(getattr(node, "shape", ()) or ())
+
+  visit(meta, "")
+  return out
+
+
+def _check_compatible(stored_meta: PyTree, template: PyTree, *, where: str) -> None:
+  if stored_meta is None:
+    return
+  if hasattr(stored_meta, "tree"):
+    stored_meta = stored_meta.tree
+  stored = _metadata_leaves(stored_meta)
+  wanted = _metadata_leaves(template)
+  missing = sorted(set(wanted) - set(stored))
+  if missing:
+    raise ValueError(
+        f"Checkpoint {where} does not match this run: it has no entry {missing[0]!r} "
+        f"({len(missing)} missing). Was it written by a different model or config?"
+    )
+  for name, shape in wanted.items():
+    if stored[name] != shape:
+      raise ValueError(
+          f"Checkpoint {where} does not match this run: {name!r} has shape {stored[name]} "
+          f"in the checkpoint but {shape} in the model built from the config (different "
+          "model, width or number of classes?)."
+      )
+
+
+def check_compatible(tree: PyTree, template: PyTree, *, where: str) -> None:
+  """Raises a ValueError naming the first entry of `template` that `tree` lacks or shapes
+  differently (e.g. a checkpoint of another model or class count)."""
+  _check_compatible(tree, _drop_empty(_to_numpy(template)), where=where)
+
+
+def load_pretrained(directory: str) -> tuple[PyTree, int]:
+  """Reads the latest checkpoint of a (pre-training) run as a nested dict of NumPy arrays.
+
+  Args:
+    directory: the run's checkpoint directory (`<workdir>/checkpoints`).
+
+  Returns:
+    `(tree, step)`; check it against the model with `check_compatible`.
+
+  Raises:
+    FileNotFoundError: no such directory, or no finished checkpoint in it.
+  """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(
+        f"Pre-training checkpoint directory {directory!r} does not exist: set "
+        "config.selmix.init_checkpoint to the `checkpoints` folder of a finished pre-training run."
+    )
+  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  step = manager.latest_step()
+  if step is None:
+    manager.close()
+    raise FileNotFoundError(f"No finished checkpoint in {directory!r} (is pre-training done?).")
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  logging.info("Loaded checkpoint %s at step %d.", directory, step)
+  return restored, step

@@ -1,0 +1,153 @@
+"""What a run leaves behind for people: metric tables, `summary.json` and PNG plots.
+
+Host-side only (NumPy + matplotlib with the Agg backend); nothing here runs under `jit`.
+"""
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+# Scalar metrics of `metrics.summary`, in the order tables show them.
+SCALAR_METRICS = (
+    "accuracy",
+    "mean_recall",
+    "min_recall",
+    "min_head_tail_recall",
+    "gmean_recall",
+    "hmean_recall",
+    "min_coverage",
+)
+
+
+def to_python(tree: Any) -> Any:
+  """Converts arrays (and NaN) inside a nested structure to JSON-friendly Python values."""
+  if isinstance(tree, Mapping):
+    return {str(k): to_python(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [to_python(v) for v in tree]
+  if hasattr(tree, "tolist"):
+    tree = np.asarray(tree).tolist()
+    return to_python(tree) if isinstance(tree, list) else _scalar(tree)
+  return _scalar(tree)
+
+
+def _scalar(x):
+  if isinstance(x, float) and not np.isfinite(x):
+    return None  # JSON has no NaN; absent classes are reported as null.
+  return x
+
+
+def write_json(path: str, payload: Mapping[str, Any]) -> None:
+  """Writes JSON atomically (temporary file + rename), so a crash never leaves half a file."""
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(to_python(payload), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def metrics_table(columns: Mapping[str, Mapping[str, Any]], *, scale: float = 100.0) -> str:
+  """A Markdown table: one row per scalar metric, one column per run (e.g. before / after).
+
+  Args:
+    columns: column title -> metric dict (as returned by `metrics.summary`).
+    scale: multiply values by this when printing (metrics are in [0, 1]).
+  """
+  titles = list(columns)
+  lines = [
+      "| metric | " + " | ".join(titles) + " |",
+      "|---|" + "---:|" * len(titles),
+  ]
+  for name in SCALAR_METRICS:
+    cells = []
+    for title in titles:
+      value = columns[title].get(name)
+      cells.append("—" if value is None else f"{scale * float(value):.2f}")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  return plt
+
+
+def plot_recalls(
+    path: str,
+    recalls: Mapping[str, Sequence[float]],
+    *,
+    class_names: Sequence[str] | None = None,
+    title: str = "Per-class recall",
+) -> None:
+  """Grouped bar chart of per-class recall, one bar group per class, one colour per run."""
+  plt = _pyplot()
+  runs = list(recalls)
+  num_classes = len(next(iter(recalls.values())))
+  names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
+  width = 0.8 / max(1, len(runs))
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * num_classes + 2), 3.5))
+  x = np.arange(num_classes)
+  for r, run in enumerate(runs):
+    values = np.nan_to_num(np.asarray(recalls[run], dtype=float) * 100.0)
+    ax.bar(x + (r - (len(runs) - 1) / 2) * width, values, width, label=run)
+  if num_classes <= 40:
+    ax.set_xticks(x, names, rotation=45 if num_classes > 10 else 0, ha="right")
+  ax.set_ylabel("recall (%)")
+  ax.set_ylim(0, 100)
+  ax.set_title(title)
+  ax.legend(loc="lower left")
+  ax.grid(axis="y", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_pair_probs(
+    path: str,
+    snapshots: Sequence[tuple[int, np.ndarray]],
+    *,
+    max_panels: int = 6,
+) -> None:
+  """Heatmaps of the pair distribution P (rows: class of x1, columns: class of x2) over time.
+
+  Args:
+    path: output PNG.
+    snapshots: `(step, pair_probs [K, K])` in step order; at most `max_panels` evenly spaced
+      ones are drawn (always including the last).
+    max_panels: panel limit.
+  """
+  plt = _pyplot()
+  if not snapshots:
+    return
+  picks = np.unique(np.linspace(0, len(snapshots) - 1, min(max_panels, len(snapshots))).astype(int))
+  chosen = [snapshots[i] for i in picks]
+  vmax = max(float(np.max(p)) for _, p in chosen)
+  fig, axes = plt.subplots(1, len(chosen), figsize=(3.2 * len(chosen) + 1, 3.2), squeeze=False)
+  image = None
+  for ax, (step, probs) in zip(axes[0], chosen):
+    image = ax.imshow(np.asarray(probs), cmap="viridis", vmin=0.0, vmax=vmax)
+    ax.set_title(f"step {step}")
+    ax.set_xlabel("class of x2")
+    ax.set_ylabel("class of x1 (label)")
+  fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="P(i, j)")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_curves(path: str, steps: Sequence[int], curves: Mapping[str, Sequence[float]]) -> None:
+  """Line plot of a few scalar histories (e.g. validation target, max gain) against steps."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for name, values in curves.items():
+    ax.plot(steps, values, marker="o", ms=2, label=name)
+  ax.set_xlabel("step")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

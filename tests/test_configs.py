@@ -1,0 +1,77 @@
+"""Every config file loads and names a known model, data set and objective."""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from selmix_jax import data
+from selmix_jax import models
+from selmix_jax import objectives
+from selmix_jax import train
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIGS = sorted(
+  p
+  for p in glob.glob(os.path.join(_REPO, "configs", "*.py"))
+  if os.path.basename(p) not in ("__init__.py", "base.py")
+)
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _variants(path):
+  name = os.path.basename(path)
+  if name == "default.py":
+    return ["", "tiny"]
+  if name.startswith("cifar10_lt_cpu"):
+    return None  # validated by its own arg list below
+  return ["pretrain", "min_recall", "hmean_min_coverage"]
+
+
+def test_there_are_configs_for_every_setting():
+  names = {os.path.basename(p) for p in _CONFIGS}
+  for required in (
+    "default.py",
+    "cifar10_lt_ssl.py",
+    "cifar100_lt_ssl.py",
+    "stl10_lt_ssl.py",
+    "imagenet100_lt_ssl.py",
+    "cifar10_lt_sup.py",
+    "cifar100_lt_sup.py",
+    "imagenet_lt_sup.py",
+  ):
+    assert required in names
+
+
+@pytest.mark.parametrize("path", _CONFIGS, ids=os.path.basename)
+def test_config_loads_and_names_known_parts(path):
+  module = _load(path)
+  assert module.__doc__ and "launch/main.py" in module.__doc__, "docstring must give the command"
+  variants = getattr(module, "VARIANTS", None) or _variants(path) or [""]
+  for arg in variants:
+    config = module.get_config(arg) if arg else module.get_config()
+    assert config.model.name in models.names()
+    assert config.data.name in data.names()
+    assert config.mode in train.MODES
+    if config.mode != "pretrain":
+      assert config.objective.name in objectives.names()
+      objectives.get(config.objective.name, **config.objective.hparams)
+
+
+def test_unknown_variant_is_rejected():
+  module = _load(os.path.join(_REPO, "configs", "cifar10_lt_ssl.py"))
+  with pytest.raises(ValueError, match="expected 'pretrain' or one of"):
+    module.get_config("min_recal")
+
+
+def test_every_objective_has_a_variant():
+  module = _load(os.path.join(_REPO, "configs", "cifar10_lt_sup.py"))
+  for name in objectives.names():
+    assert module.get_config(name).objective.name == name

@@ -1,0 +1,133 @@
+"""End to end on the tiny digits config: train, checkpoint, resume, evaluate, outputs."""
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import default
+from selmix_jax import run_lib
+from selmix_jax import train
+
+
+class _Preempted(Exception):
+  pass
+
+
+def _final_params(workdir):
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  tree = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+  step = manager.latest_step()
+  manager.close()
+  return step, tree["state"]["params"], tree["selmix"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  result = train.train_and_evaluate(default.get_config("tiny"), workdir)
+  return workdir, result
+
+
+def test_default_tiny_runs_on_four_devices_and_writes_outputs(uninterrupted):
+  assert jax.local_device_count() == 4, "the test must exercise several devices"
+  workdir, result = uninterrupted
+  for name in (
+    "results.md",
+    "selmix/summary.json",
+    "pretrain/summary.json",
+    "selmix/recalls.png",
+    "selmix/pair_probs.png",
+  ):
+    assert os.path.isfile(os.path.join(workdir, name)), name
+  assert glob.glob(os.path.join(workdir, "selmix", "events.out.tfevents.*"))
+  assert glob.glob(os.path.join(workdir, "pretrain", "events.out.tfevents.*"))
+  summary = json.load(open(os.path.join(workdir, "selmix", "summary.json")))
+  assert summary["config"]["objective"]["name"] == "min_recall"
+  assert summary["steps"] == 12
+  # Refreshes at steps 0, 4, 8, each with a distribution over the K x K pairs.
+  history = sorted(glob.glob(os.path.join(workdir, "selmix", "selmix_history", "*.npz")))
+  assert len(history) == 3
+  probs = np.load(history[-1])["pair_probs"]
+  assert probs.shape == (10, 10) and np.isclose(probs.sum(), 1.0, atol=1e-5)
+  # The test split is evaluated exactly: confusion counts sum to its size.
+  confusion = np.asarray(result["after"]["test"]["confusion"])
+  assert confusion.sum() == np.asarray(result["before"]["test"]["confusion"]).sum() > 0
+  table = open(os.path.join(workdir, "results.md")).read()
+  for metric in ("mean_recall", "min_recall", "hmean_recall", "min_coverage"):
+    assert metric in table
+
+
+def test_resume_after_preemption_matches_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
+  full_dir, full_result = uninterrupted
+  workdir = str(tmp_path)
+  original_step = run_lib.Reporter.step
+  state = {"selmix_steps": 0}
+
+  def preempting_step(self, step):
+    # Kill the fine-tuning stage after step 8 (its checkpoint at step 6 is the last one).
+    if self.writer_dir.rstrip("/").endswith("selmix"):
+      state["selmix_steps"] += 1
+      if step == 8:
+        raise _Preempted()
+    original_step(self, step)
+
+  monkeypatch.setattr(run_lib.Reporter, "step", preempting_step)
+  with pytest.raises(_Preempted):
+    train.train_and_evaluate(default.get_config("tiny"), workdir)
+  monkeypatch.setattr(run_lib.Reporter, "step", original_step)
+  result = train.train_and_evaluate(default.get_config("tiny"), workdir)
+
+  step_a, params_a, selmix_a = _final_params(os.path.join(full_dir, "selmix"))
+  step_b, params_b, selmix_b = _final_params(os.path.join(workdir, "selmix"))
+  assert step_a == step_b == 12
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_a, params_b
+  )
+  np.testing.assert_allclose(selmix_a["pair_probs"], selmix_b["pair_probs"], rtol=1e-5)
+  np.testing.assert_array_equal(
+    full_result["after"]["test"]["confusion"], result["after"]["test"]["confusion"]
+  )
+
+
+def test_checkpoint_of_another_model_is_rejected_clearly(uninterrupted, tmp_path):
+  full_dir, _ = uninterrupted
+  config = default.get_config("tiny")
+  with config.unlocked():
+    config.mode = "selmix"
+    config.model.kwargs.width = 16  # the checkpoint holds width 8
+    config.selmix.init_checkpoint = os.path.join(full_dir, "pretrain", "checkpoints")
+  with pytest.raises(ValueError, match="shape"):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+  "field, value, error, match",
+  [
+    ("objective.name", "min_recal", ValueError, "known objective"),
+    ("model.name", "resnet33", ValueError, "known model"),
+    ("data.name", "cifar11", ValueError, "known data set"),
+    ("selmix.batch_size", 30, ValueError, "multiple of the number of devices"),
+  ],
+)
+def test_config_errors_fail_before_compute(field, value, error, match, tmp_path):
+  config = default.get_config("tiny")
+  section, name = field.split(".")
+  with config.unlocked():
+    setattr(config[section], name, value)
+  with pytest.raises(error, match=match):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path), "nothing may be written before the config is validated"
+
+
+def test_missing_pretraining_checkpoint_is_reported(tmp_path):
+  config = default.get_config("tiny")
+  with config.unlocked():
+    config.mode = "selmix"
+    config.selmix.init_checkpoint = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match="init_checkpoint"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
