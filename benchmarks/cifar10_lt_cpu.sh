@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue-6 protocol on a CPU: CIFAR-10-LT from the offline JPEG copy, one pre-training run, then
+# SelMix per objective and two controls from that checkpoint, for each seed; writes the table.
+# Not part of CI. Usage (from a fresh clone with the package installed, shared/ beside it):
+#   bash benchmarks/cifar10_lt_cpu.sh [RUNS_DIR] [SEEDS...]
+# Resumable: re-running skips finished runs and resumes interrupted ones from their checkpoints.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-runs/cifar10_lt_cpu}
+shift || true
+seeds=${*:-0 1}
+variants="min_recall mean_recall gmean hmean mean_recall_min_coverage plain_ft uniform_mixup"
+export TF_CPP_MIN_LOG_LEVEL=2
+mkdir -p "$runs"
+
+run() {  # run <config variant> <workdir> [extra flags...]
+  local variant=$1 workdir=$2
+  shift 2
+  if [[ -f $workdir/summary.json ]]; then echo "done already: $workdir"; return; fi
+  local t0=$SECONDS
+  python launch/main.py --config="configs/cifar10_lt_cpu.py:$variant" --workdir="$workdir" "$@" \
+    > "$workdir.log" 2>&1
+  echo "$workdir: $((SECONDS - t0)) s" | tee -a "$runs/wall_times.txt"
+}
+
+run pretrain "$runs/pretrain"
+for seed in $seeds; do
+  for variant in $variants; do
+    run "$variant" "$runs/seed$seed/$variant" \
+      --config.seed="$seed" --config.selmix.init_checkpoint="$runs/pretrain/checkpoints"
+  done
+done
+python benchmarks/cifar10_lt_table.py "$runs" | tee "$runs/results.md"

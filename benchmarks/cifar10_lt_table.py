@@ -1,0 +1,59 @@
+"""Results table of `benchmarks/cifar10_lt_cpu.sh`: test metrics, mean ± std over seeds.
+
+  python benchmarks/cifar10_lt_table.py runs/cifar10_lt_cpu
+"""
+
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+from selmix_jax import reporting
+
+_ROWS = {
+    "plain_ft": "control: CE fine-tuning (no mixup)",
+    "uniform_mixup": "control: mixup, P uniform",
+    "min_recall": "SelMix min_recall",
+    "mean_recall": "SelMix mean_recall",
+    "gmean": "SelMix gmean",
+    "hmean": "SelMix hmean",
+    "mean_recall_min_coverage": "SelMix mean_recall_min_coverage",
+}
+
+
+def _cell(values):
+  values = 100.0 * np.asarray(values, np.float64)
+  if len(values) == 1:
+    return f"{values[0]:.1f}"
+  return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+
+
+def main(runs):
+  metrics = reporting.SCALAR_METRICS
+  lines = [
+      "| model (test split, ×100) | seeds | " + " | ".join(metrics) + " | coverage ok |",
+      "|---|---:|" + "---:|" * (len(metrics) + 1),
+  ]
+  pre = json.load(open(os.path.join(runs, "pretrain", "summary.json")))
+  lines.append(
+      "| pre-trained (LA-CE) | – | " + " | ".join(_cell([pre["test"][m]]) for m in metrics)
+      + " | – |"
+  )
+  for variant, title in _ROWS.items():
+    files = sorted(glob.glob(os.path.join(runs, "seed*", variant, "summary.json")))
+    if not files:
+      continue
+    runs_json = [json.load(open(f)) for f in files]
+    cells = [_cell([r["after"]["test"][m] for r in runs_json]) for m in metrics]
+    covered = "–"
+    if variant.endswith("coverage"):
+      gaps = [r["target_after"]["constraint_gap"] for r in runs_json]
+      covered = ", ".join("yes" if g >= 0 else f"no ({100 * g:+.2f})" for g in gaps)
+    lines.append(f"| {title} | {len(files)} | " + " | ".join(cells) + f" | {covered} |")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1] if len(sys.argv) > 1 else "runs/cifar10_lt_cpu")
