@@ -12,6 +12,12 @@ Variants:
 - selmix (fused): the same step with `fuse_passes=True`: one `vmap`ped pass over the stacked
   [2, B] batch, BatchNorm statistics still per pass (identical numbers, see tests).
 
+Refresh share: a SelMix refresh is one evaluation pass over the validation set (`--val_size`
+images, default 10,000 = CIFAR-10's 500 per class plus flips, via `evaluation.evaluate`, batch
+`--eval_batch`) plus the jitted gain/P computation (negligible at K = 10, see gain_bench). Its
+share of wall time is `refresh / (refresh + refresh_every * selmix step)` for `--refresh_every`
+(SPEC default 50).
+
   python benchmarks/step_bench.py --models wrn28_2,resnet32 --batch 64 --steps 10
 """
 
@@ -23,7 +29,12 @@ import time
 import jax
 import numpy as np
 
-from selmix_jax import models, optim, run_lib, steps
+from selmix_jax import evaluation
+from selmix_jax import models
+from selmix_jax import optim
+from selmix_jax import run_lib
+from selmix_jax import steps
+from selmix_jax.data import sources
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
@@ -115,12 +126,38 @@ def bench_model(name, *, batch, num_steps, warmup):
   return rows
 
 
+def bench_refresh(name, *, val_size, eval_batch):
+  """Seconds of one validation pass over `val_size` random 32x32 images (compiled, warm)."""
+  model = models.get(name, num_classes=10)
+  variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
+  variables = steps.replicate(dict(variables), devices=jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  source = sources.ArraySource(
+      images=rng.integers(0, 256, (val_size, 32, 32, 3), dtype=np.uint8),
+      labels=rng.integers(0, 10, (val_size,)).astype(np.int32),
+      class_names=tuple(str(k) for k in range(10)),
+  )
+  p_eval = evaluation.make_p_eval_step(
+      model,
+      num_classes=10,
+      preprocess_fn=run_lib.make_preprocess("none", mean=CIFAR_MEAN, std=CIFAR_STD),
+  )
+  indices = np.arange(val_size)
+  evaluation.evaluate(p_eval, variables, source, indices[:eval_batch], batch_size=eval_batch)
+  t0 = time.perf_counter()
+  evaluation.evaluate(p_eval, variables, source, indices, batch_size=eval_batch)
+  return time.perf_counter() - t0
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default="wrn28_2,resnet32")
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--val_size", type=int, default=10_000)
+  parser.add_argument("--eval_batch", type=int, default=500)
+  parser.add_argument("--refresh_every", type=int, default=50)
   args = parser.parse_args()
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind} x1, global batch {args.batch}")
   rows = []
@@ -139,6 +176,17 @@ def main():
     by = {r["step"]: r for r in rows if r["model"] == name}
     ratio = by["selmix (2 passes)"]["ms"] / by["selmix (fused)"]["ms"]
     print(f"{name}: fused / 2-pass SelMix speed ratio = {ratio:.2f}x")
+  print()
+  print(f"| model | validation pass ({args.val_size} images) s | eval images/s "
+        f"| {args.refresh_every} SelMix steps s | refresh share of wall time |")
+  print("|---|---:|---:|---:|---:|")
+  for name in args.models.split(","):
+    refresh = bench_refresh(name, val_size=args.val_size, eval_batch=args.eval_batch)
+    train = args.refresh_every * next(
+        r["ms"] for r in rows if r["model"] == name and r["step"] == "selmix (2 passes)"
+    ) / 1e3
+    print(f"| {name} | {refresh:.1f} | {args.val_size / refresh:.0f} | {train:.1f} "
+          f"| {100 * refresh / (refresh + train):.0f} % |")
 
 
 if __name__ == "__main__":

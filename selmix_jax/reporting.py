@@ -127,14 +127,16 @@ def plot_pair_probs(
   picks = np.unique(np.linspace(0, len(snapshots) - 1, min(max_panels, len(snapshots))).astype(int))
   chosen = [snapshots[i] for i in picks]
   vmax = max(float(np.max(p)) for _, p in chosen)
-  fig, axes = plt.subplots(1, len(chosen), figsize=(3.2 * len(chosen) + 1, 3.2), squeeze=False)
+  fig, axes = plt.subplots(
+      1, len(chosen), figsize=(2.6 * len(chosen) + 1.2, 3.0), squeeze=False, layout="constrained"
+  )
   image = None
   for ax, (step, probs) in zip(axes[0], chosen):
     image = ax.imshow(np.asarray(probs), cmap="viridis", vmin=0.0, vmax=vmax)
     ax.set_title(f"step {step}")
     ax.set_xlabel("class of x2")
-    ax.set_ylabel("class of x1 (label)")
-  fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="P(i, j)")
+  axes[0][0].set_ylabel("class of x1 (label)")
+  fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label="P(i, j)")
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
