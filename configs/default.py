@@ -9,7 +9,8 @@ Run (a few minutes on a 2-core CPU):
   python launch/main.py --workdir=workdir/default
 Expected: SelMix raises test min recall over the pre-trained model (see README for the table).
 
-`--config=configs/default.py:tiny` is a seconds-long version for tests.
+`--config=configs/default.py:tiny` is a seconds-long version for tests; `:tiny_ssl` the same on a
+semi-supervised split (FixMatch(LA) pre-training, SelMix partners from the pseudo-labelled pool).
 """
 
 import ml_collections
@@ -45,7 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.selmix.log_every = 20
   config.objective.name = "min_recall"
 
-  if arg == "tiny":
+  if arg in ("tiny", "tiny_ssl"):
     config.model.kwargs.width = 8
     config.eval_batch_size = 128
     config.pretrain.num_steps = 12
@@ -59,6 +60,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.selmix.eval_every = 6
     config.selmix.checkpoint_every = 6
     config.selmix.log_every = 3
-  elif arg:
-    raise ValueError(f"configs/default.py variant {arg!r}: expected '' or 'tiny'.")
+  if arg == "tiny_ssl":
+    # Digits keep ~125 training images per class: 30 validation + 40 labeled + 50 unlabeled.
+    config.data.labeled_max = 40
+    config.data.unlabeled_max = 50
+    config.data.unlabeled_imbalance = 10.0
+    config.pretrain.method = "fixmatch"
+    config.pretrain.batch_size = 16
+    config.pretrain.unlabeled_ratio = 2
+    config.pretrain.threshold = 0.5
+    config.selmix.partner_pool = "unlabeled"
+  elif arg not in ("", "tiny"):
+    raise ValueError(f"configs/default.py variant {arg!r}: expected '', 'tiny' or 'tiny_ssl'.")
   return config

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
+from selmix_jax import finetune
 from selmix_jax import run_lib
 from selmix_jax import train
 
@@ -131,3 +132,27 @@ def test_missing_pretraining_checkpoint_is_reported(tmp_path):
     config.selmix.init_checkpoint = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match="init_checkpoint"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_semi_supervised_path_uses_pseudo_labelled_partners(tmp_path):
+  result = train.train_and_evaluate(default.get_config("tiny_ssl"), str(tmp_path))
+  pre = json.load(open(os.path.join(tmp_path, "pretrain", "summary.json")))
+  assert pre["config"]["pretrain"]["method"] == "fixmatch"
+  _, _, selmix_state = _final_params(os.path.join(tmp_path, "selmix"))
+  partner_labels = np.asarray(selmix_state["partner_labels"])
+  # One pseudo-label per unlabeled example: 50 * 10^(-k/9) per class, summed.
+  assert partner_labels.shape == (sum(max(int(50 * 10 ** (-k / 9)), 5) for k in range(10)),)
+  assert partner_labels.min() >= 0 and partner_labels.max() < 10
+  assert result["steps"] == 12
+
+
+class _Cfg(dict):
+  __getattr__ = dict.__getitem__
+
+
+def test_early_stop_rule():
+  cfg = _Cfg(early_stop=True, early_stop_window=10, early_stop_tol=0.05)
+  assert not finetune._should_stop([1.0] * 9, cfg)  # fewer than 10 refreshes
+  assert finetune._should_stop([5.0, 4.0] + [1.0] * 10, cfg)  # plateaued
+  assert not finetune._should_stop([1.0] * 9 + [2.0], cfg)  # still moving
+  assert not finetune._should_stop([1.0] * 10, _Cfg(cfg, early_stop=False))
