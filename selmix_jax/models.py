@@ -61,6 +61,18 @@ class Classifier(nn.Module):
     return self.classify(self.features(x, train=train))
 
 
+def _batch_norm(train: bool, momentum: float, axis_name: str | None, *, epsilon: float):
+  """BatchNorm factory of every backbone: batch statistics (synced over `axis_name` if set)
+  when training, running statistics otherwise."""
+  return functools.partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=momentum,
+      epsilon=epsilon,
+      axis_name=axis_name if train else None,
+  )
+
+
 # ----------------------------------------------------------------------------------------
 # WideResNet (FixMatch).
 
@@ -102,13 +114,7 @@ class WideResNet(nn.Module):
     if (self.depth - 4) % 6:
       raise ValueError(f"WideResNet depth must be 6n + 4, got {self.depth}.")
     blocks_per_group = (self.depth - 4) // 6
-    norm = functools.partial(
-        nn.BatchNorm,
-        use_running_average=not train,
-        momentum=self.bn_momentum,
-        epsilon=self.bn_epsilon,
-        axis_name=self.bn_axis_name if train else None,
-    )
+    norm = _batch_norm(train, self.bn_momentum, self.bn_axis_name, epsilon=self.bn_epsilon)
     x = nn.Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=_conv_init_fan_out)(x)
     for group, (width, stride) in enumerate(zip((16, 32, 64), (1, 2, 2))):
       for block in range(blocks_per_group):
@@ -157,13 +163,7 @@ class CifarResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = functools.partial(
-        nn.BatchNorm,
-        use_running_average=not train,
-        momentum=self.bn_momentum,
-        epsilon=1e-5,
-        axis_name=self.bn_axis_name if train else None,
-    )
+    norm = _batch_norm(train, self.bn_momentum, self.bn_axis_name, epsilon=1e-5)
     x = nn.Conv(self.widths[0], (3, 3), padding=1, use_bias=False, kernel_init=_conv_init_fan_in)(
         x
     )
@@ -209,13 +209,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = functools.partial(
-        nn.BatchNorm,
-        use_running_average=not train,
-        momentum=self.bn_momentum,
-        epsilon=1e-5,
-        axis_name=self.bn_axis_name if train else None,
-    )
+    norm = _batch_norm(train, self.bn_momentum, self.bn_axis_name, epsilon=1e-5)
     x = nn.Conv(
         self.width, (7, 7), strides=2, padding=3, use_bias=False, kernel_init=_conv_init_fan_out
     )(x)
@@ -241,13 +235,7 @@ class SmallCNN(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = functools.partial(
-        nn.BatchNorm,
-        use_running_average=not train,
-        momentum=self.bn_momentum,
-        epsilon=1e-5,
-        axis_name=self.bn_axis_name if train else None,
-    )
+    norm = _batch_norm(train, self.bn_momentum, self.bn_axis_name, epsilon=1e-5)
     conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=1, use_bias=False)
     x = nn.relu(norm()(conv(self.width)(x)))
     x = nn.relu(norm()(conv(2 * self.width, strides=2)(x)))
