@@ -52,7 +52,7 @@ def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:
   config.pretrain.checkpoint_every = 500
 
   config.selmix.use_ema = False
-  config.selmix.num_steps = 600
+  config.selmix.num_steps = 400
   config.selmix.batch_size = 64
   config.selmix.learning_rate = 0.01
   config.selmix.refresh_every = 50
