@@ -39,8 +39,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   config.selmix.num_steps = 300
   config.selmix.batch_size = 64
-  config.selmix.learning_rate = 0.01
-  config.selmix.refresh_every = 20
+  # Chosen on validation min recall (test untouched): lr 0.01 / refresh 20 gave 63.3 -> 70.0,
+  # lr 0.003 / refresh 10 gave 63.3 -> 80.0. Small steps between refreshes keep the gain valid.
+  config.selmix.learning_rate = 0.003
+  config.selmix.refresh_every = 10
   config.selmix.eval_every = 100
   config.selmix.checkpoint_every = 100
   config.selmix.log_every = 20
