@@ -7,7 +7,8 @@ table of every metric (also written to `<workdir>/results.md`).
 
 Run (a few minutes on a 2-core CPU):
   python launch/main.py --workdir=workdir/default
-Expected: SelMix raises test min recall over the pre-trained model (see README for the table).
+Expected (2-core CPU, ~1 minute): test min recall 66.67 -> 72.22, mean recall 83.51 -> 82.38
+(the full table is in README.md).
 
 `--config=configs/default.py:tiny` is a seconds-long version for tests; `:tiny_ssl` the same on a
 semi-supervised split (FixMatch(LA) pre-training, SelMix partners from the pseudo-labelled pool).
