@@ -6,17 +6,7 @@ Not a runnable config itself: `get_config()` here returns the defaults, which th
 
 import ml_collections
 
-OBJECTIVES = (
-    "mean_recall",
-    "min_recall",
-    "min_head_tail_recall",
-    "gmean",
-    "hmean",
-    "mean_recall_min_coverage",
-    "hmean_min_coverage",
-    "mean_recall_head_tail_coverage",
-    "hmean_head_tail_coverage",
-)
+from selmix_jax import objectives
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -98,8 +88,10 @@ def selmix_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collection
   if not arg or arg == "pretrain":
     config.mode = "pretrain"
     return config
-  if arg not in OBJECTIVES:
-    raise ValueError(f"Config variant {arg!r}: expected 'pretrain' or one of {OBJECTIVES}.")
+  if arg not in objectives.names():
+    raise ValueError(
+        f"Config variant {arg!r}: expected 'pretrain' or one of {tuple(objectives.names())}."
+    )
   config.mode = "selmix"
   config.objective.name = arg
   return config

@@ -43,9 +43,9 @@ class EvalResult:
     return self.feature_sums / counts
 
   def summary(self, *, head_mask=None) -> dict[str, Any]:
-    """All SPEC §2 metrics of the confusion counts, as host NumPy values."""
+    """All SPEC §2 metrics of the confusion counts, plus the counts (`confusion`), as NumPy."""
     out = metrics.summary(self.confusion.astype(np.float64), head_mask=head_mask)
-    return jax.tree.map(np.asarray, out)
+    return {**jax.tree.map(np.asarray, out), "confusion": self.confusion}
 
 
 def make_p_eval_step(model, *, num_classes: int, preprocess_fn: Callable[..., Any]):

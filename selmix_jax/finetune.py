@@ -293,10 +293,9 @@ def _pair_batch(ds, pool2, idx1, idx2) -> dict[str, np.ndarray]:
 def _evaluate(p_eval_step, ds, batch_size, state_repl, split) -> dict[str, Any]:
   data = getattr(ds, split)
   variables = {"params": state_repl.params, "batch_stats": state_repl.batch_stats}
-  result = evaluation.evaluate(
+  return evaluation.evaluate(
       p_eval_step, variables, data.source, data.indices, batch_size=batch_size
-  )
-  return {**result.summary(), "confusion": result.confusion}
+  ).summary()
 
 
 def _refresh(step, state_repl, selmix_state, ds, cfg, objective, refresh_fn, p_eval_step,
