@@ -14,6 +14,7 @@ import numpy as np
 
 from selmix_jax import models
 from selmix_jax.data import augment
+from selmix_jax.data import pipeline
 
 
 def make_preprocess(
@@ -68,9 +69,7 @@ def logit_adjustment(class_counts: np.ndarray, tau: float) -> np.ndarray | None:
 
 def process_share(global_indices: np.ndarray) -> np.ndarray:
   """The slice of a global batch this process loads (each host reads only its own examples)."""
-  per_process = len(global_indices) // jax.process_count()
-  start = jax.process_index() * per_process
-  return global_indices[start : start + per_process]
+  return pipeline.process_slice(global_indices, jax.process_index(), jax.process_count())
 
 
 class Reporter:
