@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue-6 protocol on a CPU: CIFAR-10-LT from the offline JPEG copy, one pre-training run, then
-# SelMix per objective and two controls from that checkpoint, for each seed; writes the table.
+# SelMix per objective and two controls from that checkpoint, for each seed; then the
+# semi-supervised smoke run (FixMatch(LA) + SelMix min_recall); writes the tables.
 # Not part of CI. Usage (from a fresh clone with the package installed, shared/ beside it):
 #   bash benchmarks/cifar10_lt_cpu.sh [RUNS_DIR] [SEEDS...]
 # Resumable: re-running skips finished runs and resumes interrupted ones from their checkpoints.
@@ -25,9 +26,19 @@ run() {  # run <config variant> <workdir> [extra flags...]
 
 run pretrain "$runs/pretrain"
 for seed in $seeds; do
+  mkdir -p "$runs/seed$seed"
   for variant in $variants; do
     run "$variant" "$runs/seed$seed/$variant" \
       --config.seed="$seed" --config.selmix.init_checkpoint="$runs/pretrain/checkpoints"
   done
+done
+# Semi-supervised smoke run: FixMatch(LA) on the SSL split, then SelMix(min_recall) with
+# pseudo-labelled partners (seed 0 only; SSL_SEEDS="0 1" for more).
+mkdir -p "$runs/ssl"
+run ssl_pretrain "$runs/ssl/pretrain"
+for seed in ${SSL_SEEDS:-0}; do
+  mkdir -p "$runs/ssl/seed$seed"
+  run ssl_min_recall "$runs/ssl/seed$seed/min_recall" \
+    --config.seed="$seed" --config.selmix.init_checkpoint="$runs/ssl/pretrain/checkpoints"
 done
 python benchmarks/cifar10_lt_table.py "$runs" | tee "$runs/results.md"

@@ -30,6 +30,32 @@ def _cell(values):
   return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
 
 
+def _ssl_table(runs, metrics):
+  """Semi-supervised smoke run: FixMatch(LA) (EMA weights) and SelMix(min_recall) per seed."""
+  pre_file = os.path.join(runs, "ssl", "pretrain", "summary.json")
+  if not os.path.isfile(pre_file):
+    return []
+  pre = json.load(open(pre_file))
+  lines = [
+      "",
+      f"Semi-supervised smoke run ({pre['steps']} FixMatch(LA) steps, "
+      f"{pre['wall_time_s'] / 60:.0f} min):",
+      "",
+      "| model (test split, ×100) | seeds | " + " | ".join(metrics) + " |",
+      "|---|---:|" + "---:|" * len(metrics),
+      "| FixMatch(LA) | – | " + " | ".join(_cell([pre["test"][m]]) for m in metrics) + " |",
+  ]
+  files = sorted(glob.glob(os.path.join(runs, "ssl", "seed*", "min_recall", "summary.json")))
+  if files:
+    runs_json = [json.load(open(f)) for f in files]
+    cells = [_cell([r["after"]["test"][m] for r in runs_json]) for m in metrics]
+    lines.append(
+        f"| SelMix min_recall (pseudo-labelled partners) | {len(files)} | "
+        + " | ".join(cells) + " |"
+    )
+  return lines
+
+
 def main(runs):
   metrics = reporting.SCALAR_METRICS
   lines = [
@@ -52,6 +78,7 @@ def main(runs):
       gaps = [r["target_after"]["constraint_gap"] for r in runs_json]
       covered = ", ".join("yes" if g >= 0 else f"no ({100 * g:+.2f})" for g in gaps)
     lines.append(f"| {title} | {len(files)} | " + " | ".join(cells) + f" | {covered} |")
+  lines += _ssl_table(runs, metrics)
   print("\n".join(lines))
 
 

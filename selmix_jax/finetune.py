@@ -400,3 +400,12 @@ def _plots(workdir: str, result: dict[str, Any], class_names) -> None:
         [int(h["step"]) for h in history],
         {"val target": [float(h["val_target"]) for h in history]},
     )
+    recalls = np.stack([h["val_recalls"] for h in history])
+    if recalls.shape[1] <= 20:  # One line per class stays readable up to ~20 classes.
+      names = list(class_names) if class_names is not None else range(recalls.shape[1])
+      reporting.plot_curves(
+          os.path.join(workdir, "val_recalls.png"),
+          [int(h["step"]) for h in history],
+          {str(name): recalls[:, i] for i, name in enumerate(names)},
+          ylabel="validation recall",
+      )

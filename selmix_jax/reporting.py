@@ -142,14 +142,22 @@ def plot_pair_probs(
   plt.close(fig)
 
 
-def plot_curves(path: str, steps: Sequence[int], curves: Mapping[str, Sequence[float]]) -> None:
-  """Line plot of a few scalar histories (e.g. validation target, max gain) against steps."""
+def plot_curves(
+    path: str,
+    steps: Sequence[int],
+    curves: Mapping[str, Sequence[float]],
+    *,
+    ylabel: str | None = None,
+) -> None:
+  """Line plot of scalar histories (validation target, per-class recalls, ...) against steps."""
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.5))
   for name, values in curves.items():
     ax.plot(steps, values, marker="o", ms=2, label=name)
   ax.set_xlabel("step")
-  ax.legend()
+  if ylabel:
+    ax.set_ylabel(ylabel)
+  ax.legend(fontsize="small", ncol=2 if len(curves) > 5 else 1)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

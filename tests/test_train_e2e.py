@@ -43,6 +43,8 @@ def test_default_tiny_runs_on_four_devices_and_writes_outputs(uninterrupted):
     "pretrain/summary.json",
     "selmix/recalls.png",
     "selmix/pair_probs.png",
+    "selmix/refresh_curves.png",
+    "selmix/val_recalls.png",
   ):
     assert os.path.isfile(os.path.join(workdir, name)), name
   assert glob.glob(os.path.join(workdir, "selmix", "events.out.tfevents.*"))
