@@ -151,13 +151,17 @@ def plot_curves(
 ) -> None:
   """Line plot of scalar histories (validation target, per-class recalls, ...) against steps."""
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  many = len(curves) > 4
+  fig, ax = plt.subplots(figsize=(7.5 if many else 6, 3.5))
   for name, values in curves.items():
     ax.plot(steps, values, marker="o", ms=2, label=name)
   ax.set_xlabel("step")
   if ylabel:
     ax.set_ylabel(ylabel)
-  ax.legend(fontsize="small", ncol=2 if len(curves) > 5 else 1)
+  if many:  # Outside the axes, so that it hides no curve.
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  else:
+    ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
