@@ -31,9 +31,25 @@ def _cell(values, signed=False):
   return f"{values.mean():{fmt}} ± {values.std(ddof=1):.1f}"
 
 
+# Each SelMix objective's own target: its title and the test metric that measures it.
+_TARGETS = {
+    "min_recall": ("min recall", "min_recall"),
+    "mean_recall": ("mean recall", "mean_recall"),
+    "gmean": ("G-mean of recalls", "gmean_recall"),
+    "hmean": ("H-mean of recalls", "hmean_recall"),
+    "mean_recall_min_coverage": ("mean recall (s.t. coverage ≥ 0.95/K)", "mean_recall"),
+}
+
+
 def _summaries(runs, variant):
+  """`summary.json` of `<runs>/seed*/<variant>`, one per seed."""
   files = sorted(glob.glob(os.path.join(runs, "seed*", variant, "summary.json")))
   return [json.load(open(f)) for f in files]
+
+
+def _test_cells(results, metrics):
+  """Mean ± std over seeds of each final test metric."""
+  return [_cell([r["after"]["test"][m] for r in results]) for m in metrics]
 
 
 def _target_table(runs):
@@ -45,45 +61,19 @@ def _target_table(runs):
       "|---|---|---:|---:|---:|---:|---:|",
   ]
   controls = [_summaries(runs, c) for c in ("plain_ft", "uniform_mixup")]
-  for variant in list(_ROWS)[2:]:
+  for variant, (title, metric) in _TARGETS.items():
     results = _summaries(runs, variant)
     if not results:
       continue
     before = results[0]["target_before"]["target"]
     after = [r["target_after"]["target"] for r in results]
-    objective = results[0]["objective"]
-    # The controls have no objective of their own: score their test confusion with this one.
-    control_cells = []
-    for control in controls:
-      values = [_objective_target(objective, r["after"]["test"]) for r in control]
-      control_cells.append(_cell(values) if values and None not in values else "–")
+    # The controls have no objective of their own: the same metric of their test confusion.
+    control_cells = [_test_cells(c, [metric])[0] if c else "–" for c in controls]
     lines.append(
-        f"| {variant} | {_TARGET_NAMES.get(variant, variant)} | {100 * before:.1f} | "
-        f"{_cell(after)} | {_cell(np.asarray(after) - before, signed=True)} | " + " | ".join(control_cells)
-        + " |"
+        f"| {variant} | {title} | {100 * before:.1f} | {_cell(after)} | "
+        f"{_cell(np.asarray(after) - before, signed=True)} | " + " | ".join(control_cells) + " |"
     )
   return lines
-
-
-_TARGET_NAMES = {
-    "min_recall": "min recall",
-    "mean_recall": "mean recall",
-    "gmean": "G-mean of recalls",
-    "hmean": "H-mean of recalls",
-    "mean_recall_min_coverage": "mean recall (s.t. coverage ≥ 0.95/K)",
-}
-_TARGET_METRIC = {
-    "min_recall": "min_recall",
-    "mean_recall": "mean_recall",
-    "gmean": "gmean_recall",
-    "hmean": "hmean_recall",
-    "mean_recall_min_coverage": "mean_recall",
-}
-
-
-def _objective_target(objective, test_metrics):
-  metric = _TARGET_METRIC.get(objective)
-  return None if metric is None else test_metrics[metric]
 
 
 def _ssl_table(runs, metrics):
@@ -101,13 +91,11 @@ def _ssl_table(runs, metrics):
       "|---|---:|" + "---:|" * len(metrics),
       "| FixMatch(LA) | – | " + " | ".join(_cell([pre["test"][m]]) for m in metrics) + " |",
   ]
-  files = sorted(glob.glob(os.path.join(runs, "ssl", "seed*", "min_recall", "summary.json")))
-  if files:
-    runs_json = [json.load(open(f)) for f in files]
-    cells = [_cell([r["after"]["test"][m] for r in runs_json]) for m in metrics]
+  results = _summaries(os.path.join(runs, "ssl"), "min_recall")
+  if results:
     lines.append(
-        f"| SelMix min_recall (pseudo-labelled partners) | {len(files)} | "
-        + " | ".join(cells) + " |"
+        f"| SelMix min_recall (pseudo-labelled partners) | {len(results)} | "
+        + " | ".join(_test_cells(results, metrics)) + " |"
     )
   return lines
 
@@ -124,16 +112,17 @@ def main(runs):
       + " | – |"
   )
   for variant, title in _ROWS.items():
-    files = sorted(glob.glob(os.path.join(runs, "seed*", variant, "summary.json")))
-    if not files:
+    results = _summaries(runs, variant)
+    if not results:
       continue
-    runs_json = [json.load(open(f)) for f in files]
-    cells = [_cell([r["after"]["test"][m] for r in runs_json]) for m in metrics]
     covered = "–"
     if variant.endswith("coverage"):
-      gaps = [r["target_after"]["constraint_gap"] for r in runs_json]
+      gaps = [r["target_after"]["constraint_gap"] for r in results]
       covered = ", ".join("yes" if g >= 0 else f"no ({100 * g:+.2f})" for g in gaps)
-    lines.append(f"| {title} | {len(files)} | " + " | ".join(cells) + f" | {covered} |")
+    lines.append(
+        f"| {title} | {len(results)} | " + " | ".join(_test_cells(results, metrics))
+        + f" | {covered} |"
+    )
   lines += _target_table(runs)
   lines += _ssl_table(runs, metrics)
   print("\n".join(lines))
