@@ -106,3 +106,8 @@ def evaluate(p_eval_step, variables_repl, source, indices, *, batch_size: int) -
       preds=preds,
       max_prob=max_prob,
   )
+
+
+def evaluate_split(p_eval_step, variables_repl, split, *, batch_size: int) -> EvalResult:
+  """`evaluate` over a `data.pipeline.Split` (its source and indices)."""
+  return evaluate(p_eval_step, variables_repl, split.source, split.indices, batch_size=batch_size)

@@ -291,20 +291,16 @@ def _pair_batch(ds, pool2, idx1, idx2) -> dict[str, np.ndarray]:
 
 
 def _evaluate(p_eval_step, ds, batch_size, state_repl, split) -> dict[str, Any]:
-  data = getattr(ds, split)
-  variables = {"params": state_repl.params, "batch_stats": state_repl.batch_stats}
-  return evaluation.evaluate(
-      p_eval_step, variables, data.source, data.indices, batch_size=batch_size
+  return evaluation.evaluate_split(
+      p_eval_step, state_repl.eval_variables(), getattr(ds, split), batch_size=batch_size
   ).summary()
 
 
 def _refresh(step, state_repl, selmix_state, ds, cfg, objective, refresh_fn, p_eval_step,
              eval_batch_size, semi, reporter, workdir):
   """Validation pass -> multipliers, G, P (and pseudo-labels); returns the new SelMix state."""
-  variables = {"params": state_repl.params, "batch_stats": state_repl.batch_stats}
-  val = evaluation.evaluate(
-      p_eval_step, variables, ds.val.source, ds.val.indices, batch_size=eval_batch_size
-  )
+  variables = state_repl.eval_variables()
+  val = evaluation.evaluate_split(p_eval_step, variables, ds.val, batch_size=eval_batch_size)
   kernel, bias = _head(flax.jax_utils.unreplicate(state_repl.params))
   multipliers, gain, probs = refresh_fn(
       jnp.asarray(val.confusion, jnp.float32),
@@ -322,9 +318,8 @@ def _refresh(step, state_repl, selmix_state, ds, cfg, objective, refresh_fn, p_e
   new["max_gain_history"][min(n, len(new["max_gain_history"]) - 1)] = float(np.max(gain))
   new["num_refreshes"] = np.asarray(n + 1, np.int32)
   if semi:
-    unl = evaluation.evaluate(
-        p_eval_step, variables, ds.unlabeled.source, ds.unlabeled.indices,
-        batch_size=eval_batch_size,
+    unl = evaluation.evaluate_split(
+        p_eval_step, variables, ds.unlabeled, batch_size=eval_batch_size
     )
     new["partner_labels"] = unl.preds.astype(np.int32)
   summary = val.summary()

@@ -90,13 +90,6 @@ def _batch(ds, cfg, seed: int, step: int) -> dict[str, Any]:
   }
 
 
-def eval_variables(state, *, use_ema: bool):
-  """`{'params', 'batch_stats'}` to evaluate: the EMA copy when kept and asked for."""
-  if use_ema and state.ema_params is not None:
-    return {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
-  return {"params": state.params, "batch_stats": state.batch_stats}
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, Any]:
   """Pre-trains per `config.pretrain`; resumes from `<workdir>/checkpoints` if present.
 
@@ -143,11 +136,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   state_repl = steps.replicate(state)  # placed as pmap places outputs: no retrace
   t0 = time.time()
 
-  def evaluate(split):
-    variables = eval_variables(state_repl, use_ema=use_ema)
-    data = getattr(ds, split)
-    return evaluation.evaluate(
-        p_eval_step, variables, data.source, data.indices, batch_size=config.eval_batch_size
+  def evaluate(split):  # The EMA copy when training keeps one (FixMatch).
+    return evaluation.evaluate_split(
+        p_eval_step,
+        state_repl.eval_variables(use_ema=use_ema),
+        getattr(ds, split),
+        batch_size=config.eval_batch_size,
     ).summary()
 
   # On any exit, let an in-flight asynchronous save finish: a preempted run keeps its work.

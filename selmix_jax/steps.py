@@ -42,6 +42,12 @@ class TrainState(train_state.TrainState):
   ema_params: Any = None
   ema_batch_stats: Any = None
 
+  def eval_variables(self, *, use_ema: bool = False) -> dict[str, Any]:
+    """`{'params', 'batch_stats'}` to evaluate: the EMA copies when `use_ema`."""
+    if use_ema:
+      return {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
+    return {"params": self.params, "batch_stats": self.batch_stats}
+
 
 def create_train_state(
     model: flax.linen.Module,
@@ -355,10 +361,7 @@ def eval_step(
   if isinstance(state_or_variables, TrainState):
     state = state_or_variables
     apply_fn = state.apply_fn
-    if use_ema:
-      variables = {"params": state.ema_params, "batch_stats": state.ema_batch_stats}
-    else:
-      variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = state.eval_variables(use_ema=use_ema)
   else:
     if apply_fn is None:
       raise ValueError("eval_step needs apply_fn when given a variables dict.")
