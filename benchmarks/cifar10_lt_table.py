@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from selmix_jax import reporting
+from selmix_jax import metrics as metrics_lib
 
 _ROWS = {
     "plain_ft": "control: CE fine-tuning (no mixup)",
@@ -101,7 +101,7 @@ def _ssl_table(runs, metrics):
 
 
 def main(runs):
-  metrics = reporting.SCALAR_METRICS
+  metrics = metrics_lib.SCALAR_METRICS
   lines = [
       "| model (test split, ×100) | seeds | " + " | ".join(metrics) + " | coverage ok |",
       "|---|---:|" + "---:|" * (len(metrics) + 1),

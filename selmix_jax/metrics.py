@@ -214,6 +214,18 @@ def min_coverage(confusion: jax.Array) -> jax.Array:
   return coverages(confusion).min(-1)
 
 
+# The scalar entries of `summary`, in the order tables show them.
+SCALAR_METRICS = (
+    "accuracy",
+    "mean_recall",
+    "min_recall",
+    "min_head_tail_recall",
+    "gmean_recall",
+    "hmean_recall",
+    "min_coverage",
+)
+
+
 def summary(confusion: jax.Array, *, head_mask=None) -> dict[str, jax.Array]:
   """All reported metrics of SPEC §2 (in [0, 1]).
 

@@ -9,16 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-# Scalar metrics of `metrics.summary`, in the order tables show them.
-SCALAR_METRICS = (
-    "accuracy",
-    "mean_recall",
-    "min_recall",
-    "min_head_tail_recall",
-    "gmean_recall",
-    "hmean_recall",
-    "min_coverage",
-)
+from selmix_jax import metrics
 
 
 def to_python(tree: Any) -> Any:
@@ -59,7 +50,7 @@ def metrics_table(columns: Mapping[str, Mapping[str, Any]], *, scale: float = 10
       "| metric | " + " | ".join(titles) + " |",
       "|---|" + "---:|" * len(titles),
   ]
-  for name in SCALAR_METRICS:
+  for name in metrics.SCALAR_METRICS:
     cells = []
     for title in titles:
       value = columns[title].get(name)

@@ -54,6 +54,12 @@ def test_hand_checked_literal():
     np.testing.assert_allclose(s_frac[name], s[name], rtol=1e-6, err_msg=name)
 
 
+def test_scalar_metrics_are_the_scalar_entries_of_summary():
+  assert metrics.SCALAR_METRICS == SCALARS
+  s = _summary(LITERAL)
+  assert {k for k, v in s.items() if np.ndim(v) == 0} == set(SCALARS) | {"num_absent_classes"}
+
+
 def test_default_head_mask():
   np.testing.assert_array_equal(metrics.default_head_mask(10), [True] * 9 + [False])
   assert metrics.default_head_mask(100).sum() == 90
