@@ -16,6 +16,7 @@ history — is checkpointed; P/G/multipliers of every refresh also go to
 
 import functools
 import glob
+import json
 import os
 import time
 from typing import Any
@@ -143,13 +144,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
       batch_stats=jax.tree.map(jnp.asarray, pre["batch_stats"]),
   )
 
-  labels1 = ds.labeled.source.labels[ds.labeled.indices]
+  labels1 = ds.labeled.labels
   pool2 = ds.unlabeled if semi else ds.labeled
   selmix_state = {
       "pair_probs": np.full((num_classes, num_classes), 1.0 / num_classes**2, np.float32),
       "gain": np.zeros((num_classes, num_classes), np.float32),
       "multipliers": np.asarray(objective.init_multipliers(num_classes), np.float32),
-      "partner_labels": np.asarray(pool2.source.labels[pool2.indices], np.int32),
+      "partner_labels": np.asarray(pool2.labels, np.int32),
       "max_gain_history": np.zeros((cfg.num_steps // cfg.refresh_every + 1,), np.float32),
       "num_refreshes": np.asarray(0, np.int32),
   }
@@ -313,9 +314,10 @@ def _refresh(step, state_repl, selmix_state, ds, cfg, objective, refresh_fn, p_e
   new["multipliers"] = np.asarray(multipliers)
   new["gain"] = np.asarray(gain)
   new["pair_probs"] = np.asarray(probs)
+  max_gain = float(np.max(new["gain"]))
   n = int(selmix_state["num_refreshes"])
   new["max_gain_history"] = np.asarray(selmix_state["max_gain_history"]).copy()
-  new["max_gain_history"][min(n, len(new["max_gain_history"]) - 1)] = float(np.max(gain))
+  new["max_gain_history"][min(n, len(new["max_gain_history"]) - 1)] = max_gain
   new["num_refreshes"] = np.asarray(n + 1, np.int32)
   if semi:
     unl = evaluation.evaluate_split(
@@ -323,18 +325,18 @@ def _refresh(step, state_repl, selmix_state, ds, cfg, objective, refresh_fn, p_e
     )
     new["partner_labels"] = unl.preds.astype(np.int32)
   summary = val.summary()
-  target = objective.target(jnp.asarray(val.confusion, jnp.float32))
+  target = _target(objective, val.confusion)
   scalars = {
       **run_lib.flat_scalars("val", summary),
-      "selmix/max_gain": float(np.max(gain)),
-      "selmix/positive_gain_pairs": float(np.mean(np.asarray(gain) > 0)),
+      "selmix/max_gain": max_gain,
+      "selmix/positive_gain_pairs": float(np.mean(new["gain"] > 0)),
       "selmix/val_target": float(target["target"]),
   }
   reporter.scalars(step, scalars)
   logging.info(
       "Refresh at step %d: val target %.4f, mean recall %.4f, min recall %.4f, max gain %.3g.",
       step, float(target["target"]), float(summary["mean_recall"]),
-      float(summary["min_recall"]), float(np.max(gain)),
+      float(summary["min_recall"]), max_gain,
   )
   if jax.process_index() == 0:
     _save_history(
@@ -368,8 +370,6 @@ def _save_json(workdir, name, payload) -> None:
 
 
 def _load_json(workdir, name) -> dict[str, Any]:
-  import json  # pylint: disable=g-import-not-at-top
-
   with open(os.path.join(workdir, name), encoding="utf-8") as f:
     return json.load(f)
 
@@ -386,13 +386,14 @@ def _plots(workdir: str, result: dict[str, Any], class_names) -> None:
   )
   history = load_history(workdir)
   if history:
+    refresh_steps = [int(h["step"]) for h in history]
     reporting.plot_pair_probs(
         os.path.join(workdir, "pair_probs.png"),
-        [(int(h["step"]), h["pair_probs"]) for h in history],
+        [(step, h["pair_probs"]) for step, h in zip(refresh_steps, history)],
     )
     reporting.plot_curves(
         os.path.join(workdir, "refresh_curves.png"),
-        [int(h["step"]) for h in history],
+        refresh_steps,
         {"val target": [float(h["val_target"]) for h in history]},
     )
     recalls = np.stack([h["val_recalls"] for h in history])
@@ -400,7 +401,7 @@ def _plots(workdir: str, result: dict[str, Any], class_names) -> None:
       names = list(class_names) if class_names is not None else range(recalls.shape[1])
       reporting.plot_curves(
           os.path.join(workdir, "val_recalls.png"),
-          [int(h["step"]) for h in history],
+          refresh_steps,
           {str(name): recalls[:, i] for i, name in enumerate(names)},
           ylabel="validation recall",
       )
