@@ -17,6 +17,7 @@ import numpy as np
 
 from selmix_jax import finetune
 from selmix_jax import optim
+from selmix_jax import sampling
 
 
 def main(workdir):
@@ -25,9 +26,7 @@ def main(workdir):
   schedule = optim.cosine_schedule(config["learning_rate"], config["num_steps"])
   rows = []
   for now, nxt in zip(history[:-1], history[1:]):
-    k = now["pair_probs"].shape[0]
-    floor = 1.0 / k if config.get("floor") is None else config["floor"]
-    probs = (1.0 - floor) * now["pair_probs"] + floor / k**2
+    probs = sampling.with_floor(now["pair_probs"], config.get("floor"))
     lr_sum = sum(float(schedule(s)) for s in range(int(now["step"]), int(nxt["step"])))
     predicted = lr_sum * float(np.sum(probs * now["gain"]))
     realised = float(np.dot(now["multipliers"], nxt["val_recalls"] - now["val_recalls"]))

@@ -92,6 +92,30 @@ def _log_absent(pool: str, absent: tuple[int, ...]) -> None:
                  " ..." if len(absent) > 20 else "")
 
 
+def with_floor(pair_probs, floor: Optional[float] = None) -> np.ndarray:
+  """`(1 - floor) · P / ΣP + floor · uniform` over the `K²` pairs, float64 (SPEC §5).
+
+  Args:
+    pair_probs: `[K, K]` non-negative pair distribution (normalised here; all zero -> uniform).
+    floor: weight of the uniform distribution; None means `1/K`, 0 disables it.
+  """
+  probs = np.asarray(pair_probs, dtype=np.float64)
+  if probs.ndim != 2 or probs.shape[0] != probs.shape[1]:
+    raise ValueError(f"pair_probs must be a square [K, K] array, got shape {probs.shape}")
+  k = probs.shape[0]
+  if not np.all(np.isfinite(probs)) or np.any(probs < 0):
+    raise ValueError("pair_probs must be finite and non-negative")
+  floor = 1.0 / k if floor is None else float(floor)
+  if not 0.0 <= floor <= 1.0:
+    raise ValueError(f"floor must be in [0, 1], got {floor}")
+  total = probs.sum()
+  if total <= 0:
+    probs, floor = np.zeros_like(probs), 1.0
+  else:
+    probs = probs / total
+  return (1.0 - floor) * probs + floor / (k * k)
+
+
 class PairSampler:
   """Draws `(idx1, idx2, y1, y2)` batches of SelMix mixup pairs; see the module doc."""
 
@@ -156,20 +180,9 @@ class PairSampler:
       The `PairTable` to pass to `sample` for every batch until the next refresh.
     """
     k = self.num_classes
-    probs = np.asarray(pair_probs, dtype=np.float64)
-    if probs.shape != (k, k):
-      raise ValueError(f"pair_probs must be [{k}, {k}], got {probs.shape}")
-    if not np.all(np.isfinite(probs)) or np.any(probs < 0):
-      raise ValueError("pair_probs must be finite and non-negative")
-    floor = 1.0 / k if floor is None else float(floor)
-    if not 0.0 <= floor <= 1.0:
-      raise ValueError(f"floor must be in [0, 1], got {floor}")
-    total = probs.sum()
-    if total <= 0:
-      probs, floor = np.zeros_like(probs), 1.0
-    else:
-      probs = probs / total
-    mixed = (1.0 - floor) * probs + floor / (k * k)
+    if np.shape(pair_probs) != (k, k):
+      raise ValueError(f"pair_probs must be [{k}, {k}], got {np.shape(pair_probs)}")
+    mixed = with_floor(pair_probs, floor)
     dropped = mixed[~self._valid_pairs].sum()
     drop_key = (self._pool1.absent, self._pool2.absent)
     if dropped > 0 and drop_key != self._logged_drop:

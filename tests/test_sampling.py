@@ -148,3 +148,15 @@ def test_no_floor_and_only_impossible_pairs_raises():
     sampler.prepare(-probs)
   with pytest.raises(ValueError):
     sampling.PairSampler(np.array([0, 3]), num_classes=3)
+
+
+def test_with_floor_mixes_normalised_p_with_uniform():
+  p = np.arange(9, dtype=np.float64).reshape(3, 3)  # unnormalised, one zero pair
+  mixed = sampling.with_floor(p)  # floor defaults to 1/K
+  expected = (1 - 1 / 3) * p / p.sum() + (1 / 3) / 9
+  np.testing.assert_allclose(mixed, expected)
+  np.testing.assert_allclose(sampling.with_floor(np.zeros((3, 3)), 0.0), np.full((3, 3), 1 / 9))
+  with pytest.raises(ValueError, match="square"):
+    sampling.with_floor(np.ones((2, 3)))
+  with pytest.raises(ValueError, match="floor"):
+    sampling.with_floor(p, 1.5)
