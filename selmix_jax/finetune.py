@@ -193,7 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   before = None
   if start_step == 0:
     before = {"val": evaluate(state_repl, "val"), "test": evaluate(state_repl, "test")}
-    _save_json(workdir, "before.json", before)
+    run_lib.save_json(workdir, "before.json", before)
   t0 = time.time()
   step = start_step
   stopped_early = False
@@ -255,10 +255,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
       "pretrain_step": pre_step,
       "wall_time_s": time.time() - t0,
   }
+  run_lib.save_json(workdir, "summary.json", {**result, "config": config.to_dict()})
   if jax.process_index() == 0:
-    reporting.write_json(
-        os.path.join(workdir, "summary.json"), {**result, "config": config.to_dict()}
-    )
     _plots(workdir, result, ds.class_names)
   return result
 
@@ -362,11 +360,6 @@ def _checkpoint(manager, step, state_repl, selmix_state) -> None:
 
 def _target(objective, confusion) -> dict[str, Any]:
   return jax.tree.map(np.asarray, objective.target(jnp.asarray(confusion, jnp.float32)))
-
-
-def _save_json(workdir, name, payload) -> None:
-  if jax.process_index() == 0:
-    reporting.write_json(os.path.join(workdir, name), payload)
 
 
 def _load_json(workdir, name) -> dict[str, Any]:

@@ -172,10 +172,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   }
   reporter.scalars(cfg.num_steps, run_lib.flat_scalars("test", result["test"]))
   reporter.close()
-  if jax.process_index() == 0:
-    reporting.write_json(
-        os.path.join(workdir, "summary.json"), {**result, "config": config.to_dict()}
-    )
+  run_lib.save_json(workdir, "summary.json", {**result, "config": config.to_dict()})
   logging.info(
       "Pre-training done (%d steps, %.0f s). Test:\n%s",
       cfg.num_steps,

@@ -13,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from selmix_jax import models
+from selmix_jax import reporting
 from selmix_jax.data import augment
 from selmix_jax.data import pipeline
 
@@ -100,6 +101,12 @@ class Reporter:
 def flat_scalars(prefix: str, summary: dict[str, Any]) -> dict[str, float]:
   """The scalar entries of a metric summary, prefixed (`test/min_recall`, ...)."""
   return {f"{prefix}/{k}": float(v) for k, v in summary.items() if np.ndim(v) == 0}
+
+
+def save_json(workdir: str, name: str, payload: dict[str, Any]) -> None:
+  """Process 0 writes `<workdir>/<name>` atomically (the other processes write nothing)."""
+  if jax.process_index() == 0:
+    reporting.write_json(os.path.join(workdir, name), payload)
 
 
 def ensure_dir(path: str) -> str:
