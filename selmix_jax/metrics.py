@@ -38,7 +38,7 @@ def _as_float(confusion: jax.Array) -> jax.Array:
   return confusion.astype(jnp.result_type(confusion.dtype, jnp.float32))
 
 
-def _safe_div(num: jax.Array, den: jax.Array, fill: float) -> jax.Array:
+def safe_div(num: jax.Array, den: jax.Array, fill: float) -> jax.Array:
   """`num / den` where `den > 0`, else `fill`; NaN-free in value and gradient."""
   ok = den > 0
   return jnp.where(ok, num / jnp.where(ok, den, 1), fill)
@@ -47,7 +47,7 @@ def _safe_div(num: jax.Array, den: jax.Array, fill: float) -> jax.Array:
 def _masked_mean(values: jax.Array, where: jax.Array) -> jax.Array:
   """Mean of `values[..., k]` over `where[..., k]`; NaN if nothing is selected."""
   values = jnp.where(where, values, 0)
-  return _safe_div(values.sum(-1), where.sum(-1).astype(values.dtype), jnp.nan)
+  return safe_div(values.sum(-1), where.sum(-1).astype(values.dtype), jnp.nan)
 
 
 def present_classes(confusion: jax.Array) -> jax.Array:
@@ -95,7 +95,7 @@ def recalls(confusion: jax.Array, *, absent_value: float = jnp.nan) -> jax.Array
   """
   confusion = _as_float(confusion)
   diag = jnp.diagonal(confusion, axis1=-2, axis2=-1)
-  return _safe_div(diag, confusion.sum(-1), absent_value)
+  return safe_div(diag, confusion.sum(-1), absent_value)
 
 
 def precisions(confusion: jax.Array) -> jax.Array:
@@ -109,7 +109,7 @@ def precisions(confusion: jax.Array) -> jax.Array:
   """
   confusion = _as_float(confusion)
   diag = jnp.diagonal(confusion, axis1=-2, axis2=-1)
-  return _safe_div(diag, confusion.sum(-2), 0.0)
+  return safe_div(diag, confusion.sum(-2), 0.0)
 
 
 def coverages(confusion: jax.Array) -> jax.Array:
@@ -123,14 +123,14 @@ def coverages(confusion: jax.Array) -> jax.Array:
   """
   confusion = _as_float(confusion)
   total = confusion.sum((-2, -1))
-  return _safe_div(confusion.sum(-2), total[..., None], jnp.nan)
+  return safe_div(confusion.sum(-2), total[..., None], jnp.nan)
 
 
 def accuracy(confusion: jax.Array) -> jax.Array:
   """Fraction of correct predictions, `trace C / sum C`; `[..., K, K] -> [...]`."""
   confusion = _as_float(confusion)
   trace = jnp.trace(confusion, axis1=-2, axis2=-1)
-  return _safe_div(trace, confusion.sum((-2, -1)), jnp.nan)
+  return safe_div(trace, confusion.sum((-2, -1)), jnp.nan)
 
 
 def mean_recall(confusion: jax.Array) -> jax.Array:
@@ -205,7 +205,7 @@ def hmean_recall(confusion: jax.Array) -> jax.Array:
   inv_sum = jnp.where(positive, 1.0 / jnp.where(positive, r, 1.0), 0.0).sum(-1)
   num_present = present.sum(-1).astype(inv_sum.dtype)
   any_zero = (present & (r <= 0)).any(-1)
-  value = _safe_div(num_present, jnp.where(any_zero, 1.0, inv_sum), jnp.nan)
+  value = safe_div(num_present, jnp.where(any_zero, 1.0, inv_sum), jnp.nan)
   return jnp.where(any_zero, 0.0, value)
 
 

@@ -198,17 +198,11 @@ def _register_builtin(name):
 # --------------------------------------------------------------------------- helpers
 
 
-def _safe_div(num: Array, den: Array, fill: float) -> Array:
-  """`num / den` where `den > 0`, else `fill`; NaN-free in value and gradient."""
-  ok = den > 0
-  return jnp.where(ok, num / jnp.where(ok, den, 1), fill)
-
-
 def _normalise(confusion: Array) -> Array:
   """Counts or fractions -> fractions summing to 1 (all zeros for an empty matrix)."""
   confusion = jnp.asarray(confusion)
   confusion = confusion.astype(jnp.result_type(confusion.dtype, jnp.float32))
-  return _safe_div(confusion, confusion.sum((-2, -1), keepdims=True), 0.0)
+  return metrics.safe_div(confusion, confusion.sum((-2, -1), keepdims=True), 0.0)
 
 
 def _no_multipliers(num_classes: int) -> Array:
@@ -231,7 +225,7 @@ def _masked_softmax(logits: Array, where: Array) -> Array:
   logits = jnp.where(where, logits, -jnp.inf)
   shift = jnp.where(where.any(-1, keepdims=True), logits.max(-1, keepdims=True), 0.0)
   weights = jnp.where(where, jnp.exp(logits - shift), 0.0)
-  return _safe_div(weights, weights.sum(-1, keepdims=True), 0.0)
+  return metrics.safe_div(weights, weights.sum(-1, keepdims=True), 0.0)
 
 
 def _coverage_multipliers(coverage: Array, *, threshold: float, tau: float, lmax: float):
@@ -246,7 +240,7 @@ def _head_tail_coverage_fn(head_mask):
   def coverage_fn(confusion):
     head = metrics.resolve_head_mask(confusion.shape[-1], head_mask)
     cov = metrics.coverages(confusion)
-    means = [_safe_div((cov * g).sum(-1), g.sum(-1), jnp.nan) for g in (head, ~head)]
+    means = [metrics.safe_div((cov * g).sum(-1), g.sum(-1), jnp.nan) for g in (head, ~head)]
     return jnp.stack(means, axis=-1)
 
   return coverage_fn
@@ -333,7 +327,7 @@ def _smoothed_gmean(smoothing: float):
 
   def fn(c):
     r, present = _smoothed_recalls(c, smoothing)
-    mean_log = _safe_div(jnp.where(present, jnp.log(r), 0.0).sum(-1), present.sum(-1), 0.0)
+    mean_log = metrics.safe_div(jnp.where(present, jnp.log(r), 0.0).sum(-1), present.sum(-1), 0.0)
     return jnp.exp(mean_log)
 
   return fn
@@ -344,7 +338,8 @@ def _smoothed_hmean(smoothing: float):
 
   def fn(c):
     r, present = _smoothed_recalls(c, smoothing)
-    return _safe_div(present.sum(-1).astype(r.dtype), jnp.where(present, 1.0 / r, 0.0).sum(-1), 0.0)
+    inverse_sum = jnp.where(present, 1.0 / r, 0.0).sum(-1)
+    return metrics.safe_div(present.sum(-1).astype(r.dtype), inverse_sum, 0.0)
 
   return fn
 
