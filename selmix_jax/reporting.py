@@ -88,7 +88,9 @@ def plot_recalls(
     ax.bar(x + (r - (len(runs) - 1) / 2) * width, values, width, label=run)
   if num_classes <= 40:
     long_names = num_classes > 10 or max(len(n) for n in names) > 5
-    ax.set_xticks(x, names, rotation=35 if long_names else 0, ha="right" if long_names else "center")
+    ax.set_xticks(
+        x, names, rotation=35 if long_names else 0, ha="right" if long_names else "center"
+    )
   ax.set_ylabel("recall (%)")
   ax.set_ylim(0, 100)
   ax.set_title(title)
