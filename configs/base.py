@@ -62,6 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.selmix.backbone_lr_mult = 0.1
   config.selmix.weight_decay = 5e-4
   config.selmix.mix_weight_min = 0.6
+  # BatchNorm in the training step: 'batch' (each pass's own statistics, SPEC §6) or 'running'.
+  config.selmix.bn_stats = "batch"
   config.selmix.refresh_every = 50
   config.selmix.temperature = 0.1
   config.selmix.floor = ml_collections.FieldReference(None, field_type=float)  # None -> 1/K

@@ -260,13 +260,15 @@ def selmix_step(
     preprocess_fn: Preprocess,
     mix_weight_min: float = 0.6,
     fuse_passes: bool = False,
+    bn_stats: str = "batch",
     axis_name: str = "batch",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SelMix fine-tuning step: CE of the head on mixed features, labelled y1 (SPEC §6).
 
   Features of x1 and x2 come from separate passes with BatchNorm normalising by each pass's
-  own batch statistics; the running statistics are NOT updated (`state.batch_stats` is
-  returned unchanged). `mix_weight ~ U[mix_weight_min, 1]` per pair; the mixed feature
+  own batch statistics (`bn_stats='batch'`, SPEC §6) or by the frozen running statistics that
+  evaluation uses (`bn_stats='running'`); the running statistics are NOT updated
+  (`state.batch_stats` is returned unchanged). `mix_weight ~ U[mix_weight_min, 1]` per pair; the mixed feature
   `w g(x1) + (1 - w) g(x2)` goes through the head. The optimiser is `state.tx` (normally
   `optim.make_selmix_optimizer`: head lr, backbone lr/10, BatchNorm frozen).
 
@@ -283,11 +285,16 @@ def selmix_step(
     mix_weight_min: lower end of the uniform mix weight.
     fuse_passes: compute both passes in one `vmap`ped call over a stacked [2, b] batch
       (BatchNorm statistics still per pass); same numbers, one larger convolution per layer.
+    bn_stats: 'batch' (each pass's own statistics) or 'running' (the frozen running
+      statistics, as in evaluation: a batch concentrated on a few classes by P is then
+      normalised exactly as at test time).
     axis_name: the device axis.
 
   Returns:
     The new state and {'loss', 'accuracy', 'mix_weight'} device means.
   """
+  if bn_stats not in ("batch", "running"):
+    raise ValueError(f"bn_stats={bn_stats!r}; expected 'batch' or 'running'.")
   local_batch = batch["labels1"].shape[0]
   position = jax.lax.axis_index(axis_name) * local_batch + jnp.arange(local_batch)
 
@@ -306,6 +313,8 @@ def selmix_step(
     variables = {"params": params, "batch_stats": state.batch_stats}
 
     def features(x):
+      if bn_stats == "running":
+        return state.apply_fn(variables, x, train=False, method="features")
       # Batch-statistics mode; the running-statistics update is discarded.
       f, _ = state.apply_fn(
           variables, x, train=True, method="features", mutable=["batch_stats"]

@@ -55,6 +55,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     run_lib.check_global_batch(config.selmix.batch_size, field="config.selmix.batch_size")
     if config.selmix.refresh_every <= 0:
       raise ValueError("config.selmix.refresh_every must be a positive number of steps.")
+    if config.selmix.get("bn_stats", "batch") not in ("batch", "running"):
+      raise ValueError(
+          f"config.selmix.bn_stats={config.selmix.bn_stats!r}; expected 'batch' (each pass's "
+          "own BatchNorm statistics, SPEC §6) or 'running' (the frozen running statistics)."
+      )
   if config.mode == "selmix":
     path = config.selmix.init_checkpoint
     if not path or not os.path.isdir(path):

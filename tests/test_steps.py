@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from selmix_jax import models, optim, steps
 
@@ -144,9 +145,10 @@ def _supervised_run(n):
 
 
 @functools.cache
-def _selmix_run(n, fuse_passes):
+def _selmix_run(n, fuse_passes, bn_stats="batch"):
   step = functools.partial(
-    steps.selmix_step, preprocess_fn=_noisy_preprocess, fuse_passes=fuse_passes
+    steps.selmix_step, preprocess_fn=_noisy_preprocess, fuse_passes=fuse_passes,
+    bn_stats=bn_stats,
   )
   return _run(step, _state("selmix"), [_selmix_batch(0), _selmix_batch(1)], n)
 
@@ -211,11 +213,12 @@ def test_selmix_step_device_count_invariant_and_frozen_bn():
     assert 0.6 <= float(m["mix_weight"]) <= 1.0
 
 
-def test_selmix_loss_matches_oracle():
-  """First-step loss = CE(head(w g(x1) + (1 - w) g(x2)), y1), each g in batch-stat mode."""
+@pytest.mark.parametrize("bn_stats", ["batch", "running"])
+def test_selmix_loss_matches_oracle(bn_stats):
+  """First-step loss = CE(head(w g(x1) + (1 - w) g(x2)), y1), g with `bn_stats` BatchNorm."""
   state = _state("selmix")
   batch = _selmix_batch(0)
-  _, metrics = _selmix_run(1, False)
+  _, metrics = _selmix_run(1, False, bn_stats)
   key, position = jax.random.key(42), jnp.arange(B)  # one device: position = batch slot
   x1_keys = jax.vmap(jax.random.fold_in)(
       steps.example_keys(key, 0, steps._STREAM_X1, jnp.asarray(batch["index1"])), position
@@ -230,6 +233,8 @@ def test_selmix_loss_matches_oracle():
 
   @jax.jit
   def features(x):
+    if bn_stats == "running":  # what evaluation computes
+      return model.apply(variables, x, train=False, method="features")
     return model.apply(variables, x, train=True, method="features", mutable=["batch_stats"])[0]
 
   f1 = np.asarray(features(_noisy_preprocess(batch["images1"], x1_keys)), np.float64)
@@ -242,6 +247,19 @@ def test_selmix_loss_matches_oracle():
   np.testing.assert_allclose(metrics[0]["loss"], expected, rtol=1e-5)
   np.testing.assert_allclose(metrics[0]["mix_weight"], w.mean(), rtol=1e-6)
   assert len(np.unique(w)) == B  # repeated index1 still gets distinct draws
+
+
+def test_selmix_bn_stats_modes_differ_and_running_is_device_invariant():
+  _, m_batch = _selmix_run(1, False)
+  s1, m1 = _selmix_run(1, False, "running")
+  s4, m4 = _selmix_run(4, False, "running")
+  assert abs(float(m_batch[0]["loss"]) - float(m1[0]["loss"])) > 1e-4
+  _assert_trees_close(s1.params, s4.params)
+  _assert_trees_close(m1, m4)
+  chex.assert_trees_all_equal(s4.batch_stats, _state("selmix").batch_stats)
+  with pytest.raises(ValueError, match="bn_stats"):
+    steps.selmix_step(s1, _selmix_batch(0), jax.random.key(0), preprocess_fn=_noisy_preprocess,
+                      bn_stats="frozen")
 
 
 def test_selmix_fused_passes_equal_separate():
