@@ -255,8 +255,10 @@ def _wrn(*, num_classes, depth=28, widen_factor=2, **kwargs):
   )
 
 
-def _resnet32(*, num_classes, **kwargs):
-  return Classifier(backbone=CifarResNet(blocks_per_stage=5, **kwargs), num_classes=num_classes)
+def _cifar_resnet(*, num_classes, blocks_per_stage, **kwargs):
+  return Classifier(
+      backbone=CifarResNet(blocks_per_stage=blocks_per_stage, **kwargs), num_classes=num_classes
+  )
 
 
 def _resnet50(*, num_classes, **kwargs):
@@ -270,7 +272,8 @@ def _cnn_small(*, num_classes, **kwargs):
 _REGISTRY: dict[str, Callable[..., Classifier]] = {
     "wrn28_2": functools.partial(_wrn, depth=28, widen_factor=2),
     "wrn": _wrn,
-    "resnet32": _resnet32,
+    "resnet20": functools.partial(_cifar_resnet, blocks_per_stage=3),
+    "resnet32": functools.partial(_cifar_resnet, blocks_per_stage=5),
     "resnet50": _resnet50,
     "cnn_small": _cnn_small,
 }

@@ -36,14 +36,19 @@ def _init(model, shape, seed=0):
 
 
 def test_registry_names_and_unknown():
-  assert {"wrn28_2", "wrn", "resnet32", "resnet50", "cnn_small"} <= set(models.names())
+  assert {"wrn28_2", "wrn", "resnet20", "resnet32", "resnet50", "cnn_small"} <= set(models.names())
   with pytest.raises(ValueError, match="wrn28_2"):
     models.get("vgg16", num_classes=10)
 
 
 @pytest.mark.parametrize(
   "name,feature_dim,num_params",
-  [("wrn28_2", 128, 1_467_610), ("resnet32", 64, 464_154), ("resnet50", 2048, None)],
+  [
+    ("wrn28_2", 128, 1_467_610),
+    ("resnet20", 64, 269_722),  # ResNet-32 minus its 2 extra blocks a stage
+    ("resnet32", 64, 464_154),
+    ("resnet50", 2048, None),
+  ],
 )
 def test_full_size_shapes(name, feature_dim, num_params):
   model = models.get(name, num_classes=10)
@@ -52,7 +57,7 @@ def test_full_size_shapes(name, feature_dim, num_params):
   head = variables["params"]["head"]
   assert head["kernel"].shape == (feature_dim, 10)
   assert head["bias"].shape == (10,)
-  if num_params is not None:  # WRN-28-2 ~1.5M and ResNet-32 ~0.46M, as published.
+  if num_params is not None:  # WRN-28-2 ~1.5M, ResNet-20 ~0.27M, ResNet-32 ~0.46M, as published.
     assert sum(x.size for x in jax.tree.leaves(variables["params"])) == num_params
   feats = jax.eval_shape(
     lambda v: model.apply(v, jnp.zeros(shape), train=False, method="features"), variables
