@@ -2,9 +2,9 @@ r"""CIFAR-10-LT on this project's CPU, from the offline JPEG copy (issue 6 proto
 
 Data: `../shared/data/cifar10-jpeg.zip` (CIFAR-10 as JPEG, SPEC §10) through the image-folder
 source; balanced validation of 500 per class (plus flips) held out of train; labeled set
-long-tailed with N1 = 4500, rho = 100; test = the 10,000 test images. ResNet-32, supervised
-logit-adjusted cross-entropy pre-training with weak augmentation, then fine-tuning runs that
-share one step budget:
+long-tailed with N1 = 4500, rho = 100; test = the 10,000 test images. CIFAR ResNet-20, supervised
+logit-adjusted cross-entropy pre-training with weak augmentation (5,000 steps, 34 min here),
+then fine-tuning runs that share one step budget:
 
   python launch/main.py --config=configs/cifar10_lt_cpu.py:pretrain --workdir=runs/c10cpu/pre
   python launch/main.py --config=configs/cifar10_lt_cpu.py:min_recall \
@@ -47,25 +47,30 @@ def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:
   config.data.val_per_class = 500
   config.data.val_flip = True
   config.eval_batch_size = 500
-  config.model.name = "resnet32"
+  # ResNet-20 for 5,000 steps (34 min, val mean recall 72.3 %) beats the protocol's ResNet-32 in
+  # the same CPU time (2,500 steps, ~32-38 min, val 68.8 %): 0.58x the FLOPs buys 2x the epochs.
+  config.model.name = "resnet20"
 
   config.pretrain.method = "supervised"
-  config.pretrain.num_steps = 2500
+  config.pretrain.num_steps = 5000
   config.pretrain.batch_size = 128
   config.pretrain.learning_rate = 0.1
   config.pretrain.weight_decay = 5e-4
   config.pretrain.logit_adjust_tau = 1.0
   config.pretrain.log_every = 100
-  config.pretrain.eval_every = 1000
+  config.pretrain.eval_every = 2500
   config.pretrain.checkpoint_every = 500
 
   config.selmix.use_ema = False
-  # Chosen on the validation split (min_recall, 100-step probes from the pre-trained model):
+  # Chosen on the validation split with the first (ResNet-32, 2,500-step) backbone and kept for
+  # ResNet-20 (min_recall, 100-step probes from the pre-trained model):
   # lr 0.01 / refresh 50 collapsed val min recall to 0.3 %; lr 1e-3 / refresh 50 fell to 47.7 %
   # then 54.4 %; lr 3e-4 / refresh 50 stayed at 57.5 %; lr 1e-3 / refresh 10 rose 58.3 -> 60.8 %.
   # P concentrates on one pair (T = 0.1), so the step between refreshes must stay small.
   # 300-step runs: T = 0.1 ends at 62.5 %, T = 0.3 at 62.7 % (within noise; the default stays);
   # 600 steps (diagnostic) 62.8 % with mean recall 65.5 vs 67.6 %: the budget is not the limit.
+  # BatchNorm running statistics in the step (`bn_stats='running'`): lr 1e-3 oscillates, 3e-4
+  # ends at 61.7 %, 1e-4 at 60.4 %; the SPEC's batch statistics stay.
   config.selmix.num_steps = 300
   config.selmix.batch_size = 64
   config.selmix.learning_rate = 1e-3
@@ -78,6 +83,7 @@ def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:
     # SPEC §8 SSL split on the JPEG copy. FixMatch(LA) from scratch for a CPU budget (~25 min):
     # 1800 steps of 32 labeled + 2 x 32 unlabeled (weak + strong views), against the SPEC's
     # 250k steps of 64 + 7 x 64; a smoke run of the SSL path, not a reproduction of its numbers.
+    config.model.name = "resnet32"  # the published smoke run (benchmarks/README.md)
     config.data.labeled_max = 1500
     config.data.unlabeled_max = 3000
     config.data.unlabeled_imbalance = 100.0
