@@ -115,6 +115,7 @@ def test_checkpoint_of_another_model_is_rejected_clearly(uninterrupted, tmp_path
     ("model.name", "resnet33", ValueError, "known model"),
     ("data.name", "cifar11", ValueError, "known data set"),
     ("selmix.batch_size", 30, ValueError, "multiple of the number of devices"),
+    ("selmix.bn_stats", "frozen", ValueError, "bn_stats='frozen'.*'batch'"),
   ],
 )
 def test_config_errors_fail_before_compute(field, value, error, match, tmp_path):
