@@ -252,6 +252,10 @@ def fixmatch_step(
   return state, jax.lax.pmean(metrics, axis_name)
 
 
+# BatchNorm statistics a SelMix training pass may normalise by (`selmix_step(bn_stats=...)`).
+BN_STATS_MODES = ("batch", "running")
+
+
 def selmix_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -268,9 +272,10 @@ def selmix_step(
   Features of x1 and x2 come from separate passes with BatchNorm normalising by each pass's
   own batch statistics (`bn_stats='batch'`, SPEC §6) or by the frozen running statistics that
   evaluation uses (`bn_stats='running'`); the running statistics are NOT updated
-  (`state.batch_stats` is returned unchanged). `mix_weight ~ U[mix_weight_min, 1]` per pair; the mixed feature
-  `w g(x1) + (1 - w) g(x2)` goes through the head. The optimiser is `state.tx` (normally
-  `optim.make_selmix_optimizer`: head lr, backbone lr/10, BatchNorm frozen).
+  (`state.batch_stats` is returned unchanged). `mix_weight ~ U[mix_weight_min, 1]` per pair;
+  the mixed feature `w g(x1) + (1 - w) g(x2)` goes through the head. The optimiser is
+  `state.tx` (normally `optim.make_selmix_optimizer`: head lr, backbone lr/10, BatchNorm
+  frozen).
 
   Pairs are drawn with replacement, so the same example may occur twice in a batch; keys are
   therefore derived from (stream, dataset index, global position in the batch), the latter
@@ -293,8 +298,8 @@ def selmix_step(
   Returns:
     The new state and {'loss', 'accuracy', 'mix_weight'} device means.
   """
-  if bn_stats not in ("batch", "running"):
-    raise ValueError(f"bn_stats={bn_stats!r}; expected 'batch' or 'running'.")
+  if bn_stats not in BN_STATS_MODES:
+    raise ValueError(f"bn_stats={bn_stats!r}; expected one of {BN_STATS_MODES}.")
   local_batch = batch["labels1"].shape[0]
   position = jax.lax.axis_index(axis_name) * local_batch + jnp.arange(local_batch)
 

@@ -24,6 +24,7 @@ from selmix_jax import objectives
 from selmix_jax import pretrain
 from selmix_jax import reporting
 from selmix_jax import run_lib
+from selmix_jax import steps
 
 MODES = ("pretrain", "selmix", "pretrain_and_selmix")
 
@@ -55,7 +56,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     run_lib.check_global_batch(config.selmix.batch_size, field="config.selmix.batch_size")
     if config.selmix.refresh_every <= 0:
       raise ValueError("config.selmix.refresh_every must be a positive number of steps.")
-    if config.selmix.get("bn_stats", "batch") not in ("batch", "running"):
+    if config.selmix.get("bn_stats", "batch") not in steps.BN_STATS_MODES:
       raise ValueError(
           f"config.selmix.bn_stats={config.selmix.bn_stats!r}; expected 'batch' (each pass's "
           "own BatchNorm statistics, SPEC §6) or 'running' (the frozen running statistics)."
