@@ -56,7 +56,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     run_lib.check_global_batch(config.selmix.batch_size, field="config.selmix.batch_size")
     if config.selmix.refresh_every <= 0:
       raise ValueError("config.selmix.refresh_every must be a positive number of steps.")
-    if config.selmix.get("bn_stats", "batch") not in steps.BN_STATS_MODES:
+    if config.selmix.bn_stats not in steps.BN_STATS_MODES:
       raise ValueError(
           f"config.selmix.bn_stats={config.selmix.bn_stats!r}; expected 'batch' (each pass's "
           "own BatchNorm statistics, SPEC §6) or 'running' (the frozen running statistics)."
