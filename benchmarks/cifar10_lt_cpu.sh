@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-runs/cifar10_lt_cpu}
 shift || true
-seeds=${*:-0 1}
+seeds=${*:-0 1 2}
 variants="min_recall mean_recall gmean hmean mean_recall_min_coverage plain_ft uniform_mixup"
 export TF_CPP_MIN_LOG_LEVEL=2
 mkdir -p "$runs"
