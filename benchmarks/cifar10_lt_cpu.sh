@@ -3,7 +3,7 @@
 # SelMix per objective and two controls from that checkpoint, for each seed; then the
 # semi-supervised smoke run (FixMatch(LA) + SelMix min_recall); writes the tables.
 # Not part of CI. Usage (from a fresh clone with the package installed, shared/ beside it):
-#   bash benchmarks/cifar10_lt_cpu.sh [RUNS_DIR] [SEEDS...]
+#   [DIAGNOSTICS=1] bash benchmarks/cifar10_lt_cpu.sh [RUNS_DIR] [SEEDS...]
 # Resumable: re-running skips finished runs and resumes interrupted ones from their checkpoints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,4 +41,17 @@ for seed in ${SSL_SEEDS:-0}; do
   run ssl_min_recall "$runs/ssl/seed$seed/min_recall" \
     --config.seed="$seed" --config.selmix.init_checkpoint="$runs/ssl/pretrain/checkpoints"
 done
+# Diagnostic (DIAGNOSTICS=1; not a result): SelMix(min_recall) with its refreshes on the test
+# split, the ceiling of the pre-trained features without validation noise.
+if [[ ${DIAGNOSTICS:-0} == 1 ]]; then
+  for seed in $seeds; do
+    w=$runs/oracle/seed$seed/min_recall
+    mkdir -p "$runs/oracle/seed$seed"
+    [[ -f $w/summary.json ]] || python benchmarks/oracle_gain_split.py \
+      --config=configs/cifar10_lt_cpu.py:min_recall --config.seed="$seed" \
+      --config.selmix.init_checkpoint="$runs/pretrain/checkpoints" --workdir="$w" > "$w.log" 2>&1
+  done
+  python benchmarks/recall_spread.py "$runs"/seed*/min_recall/summary.json \
+    "$runs"/oracle/seed*/min_recall/summary.json | tee "$runs/recall_spread.md"
+fi
 python benchmarks/cifar10_lt_table.py "$runs" | tee "$runs/results.md"
