@@ -14,13 +14,13 @@ variants="min_recall mean_recall gmean hmean mean_recall_min_coverage plain_ft u
 export TF_CPP_MIN_LOG_LEVEL=2
 mkdir -p "$runs"
 
-run() {  # run <config variant> <workdir> [extra flags...]
+run() {  # [entry=<script>] run <config variant> <workdir> [extra flags...]
   local variant=$1 workdir=$2
   shift 2
   if [[ -f $workdir/summary.json ]]; then echo "done already: $workdir"; return; fi
   local t0=$SECONDS
-  python launch/main.py --config="configs/cifar10_lt_cpu.py:$variant" --workdir="$workdir" "$@" \
-    > "$workdir.log" 2>&1
+  python "${entry:-launch/main.py}" --config="configs/cifar10_lt_cpu.py:$variant" \
+    --workdir="$workdir" "$@" > "$workdir.log" 2>&1
   echo "$workdir: $((SECONDS - t0)) s" | tee -a "$runs/wall_times.txt"
 }
 
@@ -45,11 +45,9 @@ done
 # split, the ceiling of the pre-trained features without validation noise.
 if [[ ${DIAGNOSTICS:-0} == 1 ]]; then
   for seed in $seeds; do
-    w=$runs/oracle/seed$seed/min_recall
     mkdir -p "$runs/oracle/seed$seed"
-    [[ -f $w/summary.json ]] || python benchmarks/oracle_gain_split.py \
-      --config=configs/cifar10_lt_cpu.py:min_recall --config.seed="$seed" \
-      --config.selmix.init_checkpoint="$runs/pretrain/checkpoints" --workdir="$w" > "$w.log" 2>&1
+    entry=benchmarks/oracle_gain_split.py run min_recall "$runs/oracle/seed$seed/min_recall" \
+      --config.seed="$seed" --config.selmix.init_checkpoint="$runs/pretrain/checkpoints"
   done
   python benchmarks/recall_spread.py "$runs"/seed*/min_recall/summary.json \
     "$runs"/oracle/seed*/min_recall/summary.json | tee "$runs/recall_spread.md"
