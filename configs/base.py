@@ -6,6 +6,7 @@ Not a runnable config itself: `get_config()` here returns the defaults, which th
 
 import ml_collections
 
+from selmix_jax import data
 from selmix_jax import objectives
 
 
@@ -15,19 +16,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.eval_batch_size = 256
 
-  config.data = ml_collections.ConfigDict()
-  config.data.name = "digits"
-  config.data.root = ""
-  config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
-  config.data.cache_dir = ml_collections.FieldReference(None, field_type=str)
-  config.data.image_size = ml_collections.FieldReference(None, field_type=int)
-  config.data.labeled_max = 90
-  config.data.labeled_imbalance = 10.0
-  config.data.unlabeled_max = 0
-  config.data.unlabeled_imbalance = 1.0
-  config.data.val_per_class = 30
-  config.data.val_flip = False
-  config.data.seed = 0
+  # Every data field `data.build` reads, at the one set of defaults (`pipeline.default_config`);
+  # `None` fields take the data set's own default (see its docstring).
+  config.data = data.default_config()
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "cnn_small"

@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from selmix_jax.data import sources
+from selmix_jax.data import datasets, sources
 
 _SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 _CIFAR_ZIP = _SHARED_DATA / "cifar10-jpeg.zip"
@@ -119,7 +119,7 @@ def test_unknown_dataset_lists_known_names():
   with pytest.raises(
     ValueError, match=r"Unknown data set 'mnist'; known: digits, image_folder, cifar10"
   ):
-    sources.load("mnist", "train")
+    datasets.get("mnist")
 
 
 def test_imagenet100_class_list_is_shipped():
@@ -160,7 +160,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 def test_tfds_cifar10_in_memory(tmp_path):
   with tfds.testing.mock_data(num_examples=7):
-    source = sources.load("cifar10", "train", data_dir=str(tmp_path))
+    source = sources.load_tfds("cifar10", "train", data_dir=str(tmp_path))
   assert isinstance(source, sources.ArraySource)
   assert source.images.shape == (7, 32, 32, 3) and source.images.dtype == np.uint8
   assert source.labels.dtype == np.int32 and source.num_classes == 10

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from selmix_jax.data import sources, splits
+from selmix_jax.data import datasets, sources, splits
 
 Batch = dict[str, np.ndarray]
 Source = sources.ArraySource | sources.RandomAccessSource
@@ -48,6 +48,22 @@ def process_slice(global_array: np.ndarray, process_index: int, process_count: i
     raise ValueError(f"Leading size {n} is not divisible by the process count {process_count}.")
   share = n // process_count
   return global_array[process_index * share : (process_index + 1) * share]
+
+
+def process_share(global_array: np.ndarray) -> np.ndarray:
+  """This process's share of a global batch (each host loads only its own examples)."""
+  return process_slice(global_array, jax.process_index(), jax.process_count())
+
+
+def check_global_batch(batch_size: int, *, field: str) -> int:
+  """Returns the per-device batch size, or raises a ValueError naming the config field."""
+  devices = jax.device_count()
+  if batch_size <= 0 or batch_size % devices:
+    raise ValueError(
+      f"{field}={batch_size} must be a positive multiple of the number of devices "
+      f"({devices} = {jax.process_count()} process(es) x {jax.local_device_count()} local)."
+    )
+  return batch_size // devices
 
 
 def _check_divisible(batch_size: int, num_devices: int, process_count: int) -> int:
@@ -233,69 +249,56 @@ class Datasets:
   labeled_class_counts: np.ndarray
 
 
-_STATS = {  # Standard per-channel statistics of images in [0, 1].
-  "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
-  "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-  "stl10": ((0.4409, 0.4279, 0.3868), (0.2683, 0.2610, 0.2687)),
-  "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
-
-
-# Per-data-set defaults of the split fields left at None (see `build`).
-_SPLIT_DEFAULTS = {
-  "stl10": {"unlabeled_split": "unlabelled"},
-  "imagenet2012": {"test_split": "validation"},
-  "imagenet100": {"test_split": "validation"},
-  "imagenet_lt": {"val_split": "validation"},
-}
-NAMES = ("digits", "image_folder") + sources.IN_MEMORY_TFDS + sources.RANDOM_ACCESS_TFDS
-
-
 def names() -> tuple[str, ...]:
-  """Data set names `build` accepts as `config.name`."""
-  return NAMES
+  """Data set names `build` accepts as `config.name` (the `datasets` registry)."""
+  return datasets.names()
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The `data` section with every field `build` reads, at its default value."""
+  """The `data` section with every field `build` reads, at its default value.
+
+  The one set of data defaults: `configs/base.py` starts from it, and `build` fills any field a
+  config leaves out from it.
+  """
+  def optional(field_type):  # A None default that a config or the command line can set.
+    return ml_collections.FieldReference(None, field_type=field_type)
+
   return ml_collections.ConfigDict(
     {
       "name": "digits",
       "root": "",
-      "data_dir": None,
-      "cache_dir": None,
+      "data_dir": optional(str),
+      "cache_dir": optional(str),
       "train_split": "train",
-      "test_split": None,
-      "val_split": None,
-      "unlabeled_split": None,
-      "labeled_max": 40,
+      "test_split": optional(str),
+      "val_split": optional(str),
+      "unlabeled_split": optional(str),
+      "labeled_max": 90,
       "labeled_imbalance": 10.0,
       "unlabeled_max": 0,
-      "unlabeled_imbalance": 10.0,
+      "unlabeled_imbalance": 1.0,
       "val_per_class": 30,
       "val_flip": False,
       "seed": 0,
-      "image_size": None,
-      "class_names": None,
-      "imagenet100_classes": None,
+      "image_size": optional(int),
+      "class_names": optional(tuple),
+      "imagenet100_classes": optional(object),
       "digits_test_fraction": 0.3,
-      "mean": None,
-      "std": None,
+      "mean": optional(tuple),
+      "std": optional(tuple),
     }
   )
 
 
 def _resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Merges `config` over `default_config()` and fills per-data-set split defaults."""
+  """Merges `config` over `default_config()` and fills the data set's split defaults."""
   full = default_config()
   full.lock()
   full.update(dict(config))  # Unknown fields raise a KeyError naming them.
-  if full.name not in NAMES:
-    raise ValueError(f"Unknown data set {full.name!r}; known: {', '.join(NAMES)}.")
-  defaults = _SPLIT_DEFAULTS.get(full.name, {})
-  full.test_split = full.test_split or defaults.get("test_split", "test")
-  full.val_split = full.val_split or defaults.get("val_split", full.train_split)
-  full.unlabeled_split = full.unlabeled_split or defaults.get("unlabeled_split", full.train_split)
+  entry = datasets.get(full.name)
+  full.test_split = full.test_split or entry.test_split
+  full.val_split = full.val_split or entry.val_split or full.train_split
+  full.unlabeled_split = full.unlabeled_split or entry.unlabeled_split or full.train_split
   if full.cache_dir is None:
     full.cache_dir = sources.DEFAULT_CACHE_DIR
   if full.labeled_max is not None and full.labeled_max < 0:
@@ -304,28 +307,7 @@ def _resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _load(config: ml_collections.ConfigDict, split: str) -> Source:
-  name = config.name
-  cache_dir = config.cache_dir or None  # "" disables caching.
-  if name == "digits":
-    return sources.load_digits(split, test_fraction=config.digits_test_fraction, seed=config.seed)
-  if name == "image_folder":
-    return sources.load_image_folder(
-      config.root,
-      split,
-      class_names=config.class_names,
-      image_size=config.image_size,
-      cache_dir=cache_dir,
-    )
-  kwargs = {"data_dir": config.data_dir}
-  if name in sources.RANDOM_ACCESS_TFDS:
-    kwargs.update(image_size=config.image_size or 224, cache_dir=cache_dir)
-  if name == "imagenet100":
-    classes = config.imagenet100_classes
-    if isinstance(classes, str):
-      with open(classes) as f:
-        classes = [line.strip() for line in f if line.strip()]
-    kwargs["classes"] = classes
-  return sources.load(name, split, **kwargs)
+  return datasets.get(config.name).load(config, split)
 
 
 def _balanced_val(labels: np.ndarray, num_classes: int, per_class: int, seed: int) -> np.ndarray:
@@ -472,10 +454,9 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
 def _statistics(config: ml_collections.ConfigDict, train: Source) -> tuple[np.ndarray, np.ndarray]:
   if config.mean is not None and config.std is not None:
     return np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
-  key = "imagenet" if config.name.startswith("imagenet") else config.name
-  if key in _STATS:
-    mean, std = _STATS[key]
-    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+  entry = datasets.get(config.name)
+  if entry.mean is not None:
+    return np.asarray(entry.mean, np.float32), np.asarray(entry.std, np.float32)
   # Digits / image folders: statistics of (a fixed subsample of) the training source.
   sample = np.random.default_rng(0).permutation(len(train))[:10_000]
   pixels = train.get_images(np.sort(sample)).astype(np.float64) / 255.0

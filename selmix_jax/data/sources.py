@@ -15,8 +15,9 @@ decoding JPEG bytes with PIL and resizing on access (shorter side to `image_size
 then a central `image_size`² crop), in a thread pool.
 
 Loaders: `load_digits`, `load_image_folder` (a directory or a .zip holding
-`<split>/<class>/*.{jpg,jpeg,png}`, cached as .npz), `load_tfds` (cifar10, cifar100,
-stl10, imagenet2012, imagenet100, imagenet_lt) and the dispatcher `load`.
+`<split>/<class>/*.{jpg,jpeg,png}`, cached as .npz) and `load_tfds` (cifar10, cifar100,
+stl10, imagenet2012, imagenet100, imagenet_lt). Which loader serves which
+`config.data.name` is the `datasets` registry's business.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import json
 import os
 import pathlib
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import PIL.Image
@@ -495,37 +496,3 @@ def _record_labels(records: Sequence[dict], key: str, cache_dir) -> np.ndarray:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, labels)
   return labels
-
-
-# ------------------------------------------------------------------------- dispatcher
-
-_LOADERS: dict[str, Callable[..., ArraySource | RandomAccessSource]] = {
-  "digits": load_digits,
-  "image_folder": load_image_folder,
-  **{
-    n: (lambda split, _n=n, **kw: load_tfds(_n, split, **kw))
-    for n in IN_MEMORY_TFDS + RANDOM_ACCESS_TFDS
-  },
-}
-KNOWN_DATASETS = tuple(_LOADERS)
-
-
-def load(name: str, split: str, **kwargs) -> ArraySource | RandomAccessSource:
-  """Loads split `split` of data set `name` (see `KNOWN_DATASETS`).
-
-  Args:
-    name: 'digits', 'image_folder' (pass `root=`), or a TFDS name of `load_tfds`.
-    split: split name.
-    **kwargs: forwarded to the loader.
-
-  Returns:
-    A source.
-
-  Raises:
-    ValueError: unknown name.
-  """
-  if name not in _LOADERS:
-    raise ValueError(f"Unknown data set {name!r}; known: {', '.join(KNOWN_DATASETS)}.")
-  if name == "image_folder":
-    return load_image_folder(kwargs.pop("root"), split, **kwargs)
-  return _LOADERS[name](split, **kwargs)
