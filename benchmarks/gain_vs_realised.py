@@ -15,14 +15,14 @@ import sys
 
 import numpy as np
 
-from selmix_jax import finetune
+from selmix_jax import reporting
 from selmix_jax import optim
 from selmix_jax import sampling
 
 
 def main(workdir):
   config = json.load(open(os.path.join(workdir, "summary.json")))["config"]["selmix"]
-  history = finetune.load_history(workdir)
+  history = reporting.load_history(workdir)
   schedule = optim.cosine_schedule(config["learning_rate"], config["num_steps"])
   rows = []
   for now, nxt in zip(history[:-1], history[1:]):

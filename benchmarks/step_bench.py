@@ -32,8 +32,9 @@ import numpy as np
 from selmix_jax import evaluation
 from selmix_jax import models
 from selmix_jax import optim
-from selmix_jax import run_lib
 from selmix_jax import steps
+from selmix_jax import train_state
+from selmix_jax.data import augment
 from selmix_jax.data import sources
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -65,7 +66,7 @@ def _batches(batch, num, seed=0):
 def bench_model(name, *, batch, num_steps, warmup):
   model = models.get(name, num_classes=10)
   device = jax.devices()[:1]
-  preprocess = run_lib.make_preprocess("weak", mean=CIFAR_MEAN, std=CIFAR_STD)
+  preprocess = augment.make_preprocess("weak", mean=CIFAR_MEAN, std=CIFAR_STD)
   init_params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
   variants = {
       "supervised": (
@@ -94,8 +95,8 @@ def bench_model(name, *, batch, num_steps, warmup):
     p_step = jax.pmap(
         body, axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,), devices=device
     )
-    state = steps.replicate(
-        steps.create_train_state(model, jax.random.key(0), (32, 32, 3), tx), devices=device
+    state = train_state.replicate(
+        train_state.create(model, jax.random.key(0), (32, 32, 3), tx), devices=device
     )
     t0 = time.perf_counter()
     state, metrics = p_step(state, data[0][kind], key)
@@ -130,7 +131,7 @@ def bench_refresh(name, *, val_size, eval_batch):
   """Seconds of one validation pass over `val_size` random 32x32 images (compiled, warm)."""
   model = models.get(name, num_classes=10)
   variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
-  variables = steps.replicate(dict(variables), devices=jax.devices()[:1])
+  variables = train_state.replicate(dict(variables), devices=jax.devices()[:1])
   rng = np.random.default_rng(0)
   source = sources.ArraySource(
       images=rng.integers(0, 256, (val_size, 32, 32, 3), dtype=np.uint8),
@@ -140,7 +141,7 @@ def bench_refresh(name, *, val_size, eval_batch):
   p_eval = evaluation.make_p_eval_step(
       model,
       num_classes=10,
-      preprocess_fn=run_lib.make_preprocess("none", mean=CIFAR_MEAN, std=CIFAR_STD),
+      preprocess_fn=augment.make_preprocess("none", mean=CIFAR_MEAN, std=CIFAR_STD),
   )
   indices = np.arange(val_size)
   evaluation.evaluate(p_eval, variables, source, indices[:eval_batch], batch_size=eval_batch)

@@ -9,12 +9,14 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-import flax.jax_utils
+from absl import logging
 import jax
 import numpy as np
 
 from selmix_jax import metrics
 from selmix_jax import steps
+from selmix_jax import train_state
+from selmix_jax.data import augment
 from selmix_jax.data import pipeline
 
 
@@ -87,7 +89,7 @@ def evaluate(p_eval_step, variables_repl, source, indices, *, batch_size: int) -
       source, indices, batch_size, num_devices=jax.local_device_count()
   ):
     out = p_eval_step(variables_repl, batch)
-    counts = flax.jax_utils.unreplicate(
+    counts = train_state.unreplicate(
         {k: out[k] for k in ("confusion", "feature_sums", "class_counts")}
     )
     counts = jax.tree.map(lambda x: np.asarray(x, np.float64), counts)
@@ -111,3 +113,26 @@ def evaluate(p_eval_step, variables_repl, source, indices, *, batch_size: int) -
 def evaluate_split(p_eval_step, variables_repl, split, *, batch_size: int) -> EvalResult:
   """`evaluate` over a `data.pipeline.Split` (its source and indices)."""
   return evaluate(p_eval_step, variables_repl, split.source, split.indices, batch_size=batch_size)
+
+
+class Evaluator:
+  """Exact passes over the splits of one data set with one model (the loops' evaluator).
+
+  `evaluator(state_repl, split)` evaluates a replicated TrainState (its EMA copy when
+  `use_ema`) on a `data.Split` and returns the `EvalResult`.
+  """
+
+  def __init__(self, model, datasets, *, batch_size: int, use_ema: bool = False):
+    self.p_eval_step = make_p_eval_step(
+        model,
+        num_classes=datasets.num_classes,
+        preprocess_fn=augment.make_preprocess("none", mean=datasets.mean, std=datasets.std),
+    )
+    self.batch_size = batch_size
+    self.use_ema = use_ema
+
+  def __call__(self, state_repl, split, *, name: str = "") -> EvalResult:
+    if name:
+      logging.info("Evaluating %s (%d examples).", name, len(split))
+    variables = state_repl.eval_variables(use_ema=self.use_ema)
+    return evaluate_split(self.p_eval_step, variables, split, batch_size=self.batch_size)

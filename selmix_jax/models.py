@@ -302,3 +302,8 @@ def get(name: str, *, num_classes: int, **kwargs) -> Classifier:
   if name not in _REGISTRY:
     raise ValueError(f"Unknown model {name!r}; known models: {', '.join(names())}.")
   return _REGISTRY[name](num_classes=num_classes, **kwargs)
+
+
+def from_config(config, num_classes: int) -> Classifier:
+  """The model of a `config.model` section: `name` and its `kwargs`."""
+  return get(config.name, num_classes=num_classes, **config.get("kwargs", {}))

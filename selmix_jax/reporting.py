@@ -3,10 +3,12 @@
 Host-side only (NumPy + matplotlib with the Agg backend); nothing here runs under `jit`.
 """
 
+import glob
 import json
 import os
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from selmix_jax import metrics
@@ -36,6 +38,38 @@ def write_json(path: str, payload: Mapping[str, Any]) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(to_python(payload), f, indent=2, sort_keys=True)
   os.replace(tmp, path)
+
+
+def save_json(workdir: str, name: str, payload: Mapping[str, Any]) -> None:
+  """Process 0 writes `<workdir>/<name>` atomically (the other processes write nothing)."""
+  if jax.process_index() == 0:
+    write_json(os.path.join(workdir, name), payload)
+
+
+def load_json(path: str) -> dict[str, Any]:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def flat_scalars(prefix: str, summary: Mapping[str, Any]) -> dict[str, float]:
+  """The scalar entries of a metric summary, prefixed (`test/min_recall`, ...)."""
+  return {f"{prefix}/{k}": float(v) for k, v in summary.items() if np.ndim(v) == 0}
+
+
+def save_refresh(workdir: str, step: int, record: Mapping[str, np.ndarray]) -> None:
+  """Writes one SelMix refresh (P, G, multipliers, ...) to `selmix_history/refresh_<step>.npz`."""
+  directory = os.path.join(workdir, "selmix_history")
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f"refresh_{step:07d}.npz")
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **record)
+  os.replace(tmp, path)
+
+
+def load_history(workdir: str) -> list[dict[str, np.ndarray]]:
+  """All refresh records of a SelMix run (`save_refresh`), in step order."""
+  files = sorted(glob.glob(os.path.join(workdir, "selmix_history", "refresh_*.npz")))
+  return [dict(np.load(f)) for f in files]
 
 
 def metrics_table(columns: Mapping[str, Mapping[str, Any]], *, scale: float = 100.0) -> str:
@@ -159,3 +193,39 @@ def plot_curves(
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def plot_selmix_run(workdir: str, result: Mapping[str, Any], class_names) -> None:
+  """The pictures of a fine-tuning run: per-class test recall before/after, P over time, the
+  validation target per refresh and (up to 20 classes) per-class validation recall."""
+  plot_recalls(
+      os.path.join(workdir, "recalls.png"),
+      {
+          "pre-trained": result["before"]["test"]["recall"],
+          f"SelMix ({result['objective']})": result["after"]["test"]["recall"],
+      },
+      class_names=class_names,
+      title="Per-class test recall",
+  )
+  history = load_history(workdir)
+  if not history:
+    return
+  refresh_steps = [int(h["step"]) for h in history]
+  plot_pair_probs(
+      os.path.join(workdir, "pair_probs.png"),
+      [(step, h["pair_probs"]) for step, h in zip(refresh_steps, history)],
+  )
+  plot_curves(
+      os.path.join(workdir, "refresh_curves.png"),
+      refresh_steps,
+      {"val target": [float(h["val_target"]) for h in history]},
+  )
+  recalls = np.stack([h["val_recalls"] for h in history])
+  if recalls.shape[1] <= 20:  # One line per class stays readable up to ~20 classes.
+    names = list(class_names) if class_names is not None else range(recalls.shape[1])
+    plot_curves(
+        os.path.join(workdir, "val_recalls.png"),
+        refresh_steps,
+        {str(name): recalls[:, i] for i, name in enumerate(names)},
+        ylabel="validation recall",
+    )

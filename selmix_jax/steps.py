@@ -19,14 +19,14 @@ must return float32 `[b, H, W, C]`.
 
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax.training import train_state
 
 from selmix_jax import confusion as confusion_lib
+from selmix_jax import train_state
+from selmix_jax.data import augment
 
 Preprocess = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -35,78 +35,16 @@ _STREAM_LABELED_WEAK, _STREAM_UNLABELED_WEAK, _STREAM_UNLABELED_STRONG = 0, 1, 2
 _STREAM_X1, _STREAM_X2, _STREAM_MIX = 3, 4, 5
 
 
-class TrainState(train_state.TrainState):
-  """`flax` TrainState plus BatchNorm statistics and an optional EMA (None when unused)."""
-
-  batch_stats: Any = None
-  ema_params: Any = None
-  ema_batch_stats: Any = None
-
-  def eval_variables(self, *, use_ema: bool = False) -> dict[str, Any]:
-    """`{'params', 'batch_stats'}` to evaluate: the EMA copies when `use_ema`."""
-    if use_ema:
-      return {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
-    return {"params": self.params, "batch_stats": self.batch_stats}
+def logit_adjustment(class_counts: np.ndarray, tau: float) -> np.ndarray | None:
+  """`tau * log(prior)` [K] of the training labels (Menon et al. 2021), or None when tau is 0."""
+  if not tau:
+    return None
+  prior = np.asarray(class_counts, np.float64) / np.sum(class_counts)
+  return (tau * np.log(np.maximum(prior, 1e-12))).astype(np.float32)
 
 
-def create_train_state(
-    model: flax.linen.Module,
-    key: jax.Array,
-    image_shape: tuple[int, ...],
-    tx: optax.GradientTransformation,
-    *,
-    ema: bool = False,
-) -> TrainState:
-  """Initialises a model on a dummy input and wraps it.
-
-  Args:
-    model: a `selmix_jax.models.Classifier`.
-    key: PRNG key for the initialisation.
-    image_shape: `(H, W, C)` of one input image, or a whole input shape `(N, H, W, C)`.
-    tx: the optimiser.
-    ema: also keep EMA copies of `params` and `batch_stats` (initialised to them).
-  """
-  input_shape = tuple(image_shape) if len(image_shape) == 4 else (1, *image_shape)
-  variables = model.init(key, jnp.zeros(input_shape, jnp.float32), train=False)
-  params = variables["params"]
-  batch_stats = variables.get("batch_stats", {})
-  return TrainState.create(
-      apply_fn=model.apply,
-      params=params,
-      tx=tx,
-      batch_stats=batch_stats,
-      ema_params=params if ema else None,
-      ema_batch_stats=batch_stats if ema else None,
-  )
-
-
-def replicate(tree: Any, *, axis_name: str = "batch", devices=None) -> Any:
-  """Stacks `tree` over the local devices, placed as `pmap(..., axis_name)` places outputs.
-
-  Under JAX >= 0.8 `pmap` is `jit(shard_map)` and its trace cache sees input shardings:
-  a state replicated any other way (e.g. `flax.jax_utils.replicate`, whose mesh axis is
-  named differently) makes the second call trace and compile the step again.
-
-  Args:
-    tree: a host or single-device pytree (e.g. a TrainState).
-    axis_name: the pmap axis name of the step that will consume the tree.
-    devices: defaults to `jax.local_devices()`.
-
-  Returns:
-    The tree with a leading device axis, sharded one slice per device.
-  """
-  devices = jax.local_devices() if devices is None else devices
-  mesh = jax.sharding.Mesh(np.array(devices), (axis_name,))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
-  return jax.device_put(
-      jax.tree.map(lambda x: jnp.broadcast_to(x, (len(devices), *jnp.shape(x))), tree), sharding
-  )
-
-
-def example_keys(key: jax.Array, step: jax.Array, stream: int, index: jax.Array) -> jax.Array:
-  """Keys `fold_in(fold_in(fold_in(key, step), stream), index[i])`: [b] ints -> [b] keys."""
-  base = jax.random.fold_in(jax.random.fold_in(key, step), stream)
-  return jax.vmap(lambda i: jax.random.fold_in(base, i))(index)
+def _keys(key, step, stream, index):
+  return augment.example_keys(key, step, index, stream=stream)
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -119,14 +57,14 @@ def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def supervised_step(
-    state: TrainState,
+    state: train_state.TrainState,
     batch: dict[str, jax.Array],
     key: jax.Array,
     *,
     preprocess_fn: Preprocess,
     logit_adjustment: jax.Array | None = None,
     axis_name: str = "batch",
-) -> tuple[TrainState, dict[str, jax.Array]]:
+) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
   """One SGD step of (logit-adjusted) cross-entropy.
 
   Args:
@@ -142,7 +80,7 @@ def supervised_step(
     The new state and {'loss', 'accuracy'} averaged over devices (accuracy of raw logits).
   """
   images = preprocess_fn(
-      batch["images"], example_keys(key, state.step, _STREAM_LABELED_WEAK, batch["index"])
+      batch["images"], _keys(key, state.step, _STREAM_LABELED_WEAK, batch["index"])
   )
   labels = batch["labels"]
 
@@ -170,7 +108,7 @@ def _ema(decay: float, ema_tree: Any, tree: Any) -> Any:
 
 
 def fixmatch_step(
-    state: TrainState,
+    state: train_state.TrainState,
     batch: dict[str, jax.Array],
     key: jax.Array,
     *,
@@ -181,7 +119,7 @@ def fixmatch_step(
     logit_adjustment: jax.Array | None = None,
     ema_decay: float = 0.999,
     axis_name: str = "batch",
-) -> tuple[TrainState, dict[str, jax.Array]]:
+) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
   """One FixMatch step (Sohn et al. 2020), optionally logit-adjusted on the labeled loss.
 
   One forward pass on concat(labeled weak, unlabeled weak, unlabeled strong), so BatchNorm
@@ -206,14 +144,14 @@ def fixmatch_step(
   labels = batch["labels"]
   x_l = weak_fn(
       batch["labeled_images"],
-      example_keys(key, state.step, _STREAM_LABELED_WEAK, batch["labeled_index"]),
+      _keys(key, state.step, _STREAM_LABELED_WEAK, batch["labeled_index"]),
   )
   u_index = batch["unlabeled_index"]
   x_uw = weak_fn(
-      batch["unlabeled_images"], example_keys(key, state.step, _STREAM_UNLABELED_WEAK, u_index)
+      batch["unlabeled_images"], _keys(key, state.step, _STREAM_UNLABELED_WEAK, u_index)
   )
   x_us = strong_fn(
-      batch["unlabeled_images"], example_keys(key, state.step, _STREAM_UNLABELED_STRONG, u_index)
+      batch["unlabeled_images"], _keys(key, state.step, _STREAM_UNLABELED_STRONG, u_index)
   )
   num_l, num_u = x_l.shape[0], x_uw.shape[0]
 
@@ -257,7 +195,7 @@ BN_STATS_MODES = ("batch", "running")
 
 
 def selmix_step(
-    state: TrainState,
+    state: train_state.TrainState,
     batch: dict[str, jax.Array],
     key: jax.Array,
     *,
@@ -266,7 +204,7 @@ def selmix_step(
     fuse_passes: bool = False,
     bn_stats: str = "batch",
     axis_name: str = "batch",
-) -> tuple[TrainState, dict[str, jax.Array]]:
+) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
   """One SelMix fine-tuning step: CE of the head on mixed features, labelled y1 (SPEC §6).
 
   Features of x1 and x2 come from separate passes with BatchNorm normalising by each pass's
@@ -304,11 +242,11 @@ def selmix_step(
   position = jax.lax.axis_index(axis_name) * local_batch + jnp.arange(local_batch)
 
   def keys(stream, index):
-    return jax.vmap(jax.random.fold_in)(example_keys(key, state.step, stream, index), position)
+    return jax.vmap(jax.random.fold_in)(_keys(key, state.step, stream, index), position)
 
   x1 = preprocess_fn(batch["images1"], keys(_STREAM_X1, batch["index1"]))
   x2 = preprocess_fn(batch["images2"], keys(_STREAM_X2, batch["index2"]))
-  mix_keys = example_keys(key, state.step, _STREAM_MIX, position)
+  mix_keys = _keys(key, state.step, _STREAM_MIX, position)
   mix_weight = jax.vmap(
       lambda k: jax.random.uniform(k, (), minval=mix_weight_min, maxval=1.0)
   )(mix_keys)
@@ -346,7 +284,7 @@ def selmix_step(
 
 
 def eval_step(
-    state_or_variables: TrainState | dict[str, Any],
+    state_or_variables: train_state.TrainState | dict[str, Any],
     batch: dict[str, jax.Array],
     *,
     num_classes: int,
@@ -372,7 +310,7 @@ def eval_step(
     [K, D] float32 (per-class sums of g(x)), 'class_counts' [K] int32; per device (not
     reduced): 'preds' [b] int32 and 'max_prob' [b] float32.
   """
-  if isinstance(state_or_variables, TrainState):
+  if isinstance(state_or_variables, train_state.TrainState):
     state = state_or_variables
     apply_fn = state.apply_fn
     variables = state.eval_variables(use_ema=use_ema)

@@ -21,10 +21,11 @@ from selmix_jax import data
 from selmix_jax import finetune
 from selmix_jax import models
 from selmix_jax import objectives
+from selmix_jax import pairs
 from selmix_jax import pretrain
 from selmix_jax import reporting
-from selmix_jax import run_lib
 from selmix_jax import steps
+from selmix_jax.data import pipeline
 
 MODES = ("pretrain", "selmix", "pretrain_and_selmix")
 
@@ -43,9 +44,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.data.name={config.data.name!r} is not a known data set; "
         f"known: {', '.join(data.names())}."
     )
-  run_lib.check_global_batch(config.eval_batch_size, field="config.eval_batch_size")
+  pipeline.check_global_batch(config.eval_batch_size, field="config.eval_batch_size")
   if config.mode in ("pretrain", "pretrain_and_selmix"):
-    run_lib.check_global_batch(config.pretrain.batch_size, field="config.pretrain.batch_size")
+    pipeline.check_global_batch(config.pretrain.batch_size, field="config.pretrain.batch_size")
+    if config.pretrain.method not in pretrain.METHODS:
+      raise ValueError(
+          f"config.pretrain.method={config.pretrain.method!r}; expected one of {pretrain.METHODS}."
+      )
+    if config.pretrain.schedule not in pretrain.SCHEDULES:
+      raise ValueError(
+          f"config.pretrain.schedule={config.pretrain.schedule!r}; expected one of "
+          f"{pretrain.SCHEDULES}."
+      )
+    if config.pretrain.method == "fixmatch" and config.data.unlabeled_max == 0:
+      raise ValueError(
+          "config.pretrain.method='fixmatch' needs an unlabeled pool: set "
+          "config.data.unlabeled_max > 0 (-1 = every remaining training example)."
+      )
   if config.mode in ("selmix", "pretrain_and_selmix"):
     if config.objective.name not in objectives.names():
       raise ValueError(
@@ -53,7 +68,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"known: {', '.join(objectives.names())}."
       )
     objectives.get(config.objective.name, **config.objective.get("hparams", {}))
-    run_lib.check_global_batch(config.selmix.batch_size, field="config.selmix.batch_size")
+    pipeline.check_global_batch(config.selmix.batch_size, field="config.selmix.batch_size")
+    pairs.get(config.selmix.pairs)
+    if config.selmix.partner_pool not in ("labeled", "unlabeled"):
+      raise ValueError(
+          f"config.selmix.partner_pool={config.selmix.partner_pool!r}; expected 'labeled' or "
+          "'unlabeled' (semi-supervised: partners from the pseudo-labelled unlabeled pool)."
+      )
     if config.selmix.refresh_every <= 0:
       raise ValueError("config.selmix.refresh_every must be a positive number of steps.")
     if config.selmix.bn_stats not in steps.BN_STATS_MODES:
@@ -73,8 +94,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs the job `config.mode` in `workdir` (resuming whatever is already there)."""
   validate(config)
-  run_lib.log_devices()
-  run_lib.ensure_dir(workdir)
+  logging.info(
+      "JAX process %d/%d, %d local device(s), %d in all: %s",
+      jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+      jax.local_devices(),
+  )
+  os.makedirs(workdir, exist_ok=True)
   datasets = data.build(config.data)
   logging.info(
       "Data %s: %d classes, labeled per class %s.",

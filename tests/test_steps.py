@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from selmix_jax import models, optim, steps
+from selmix_jax import models, optim, steps, train_state
+from selmix_jax.data import augment
 
 K = 5
 B = 8  # global batch
@@ -51,16 +52,16 @@ def _initial_state(tx_kind):
       lambda: model.init(jax.random.key(0), jnp.zeros((1, *SHAPE)), train=False)
     )["params"]
     tx = optim.make_selmix_optimizer(params, learning_rate=optim.cosine_schedule(0.5, 10))
-  return jax.jit(lambda key: steps.create_train_state(model, key, SHAPE, tx))(jax.random.key(0))
+  return jax.jit(lambda key: train_state.create(model, key, SHAPE, tx))(jax.random.key(0))
 
 
 def test_create_train_state():
   tx = optim.make_pretrain_optimizer(learning_rate=0.1)
   for ema in (False, True):
     state = jax.eval_shape(
-      lambda: steps.create_train_state(_model(), jax.random.key(0), SHAPE, tx, ema=ema)
+      lambda: train_state.create(_model(), jax.random.key(0), SHAPE, tx, ema=ema)
     )
-    assert isinstance(state, steps.TrainState)
+    assert isinstance(state, train_state.TrainState)
     assert state.params["head"]["kernel"].shape == (8, K)
     assert "BatchNorm_0" in state.batch_stats["backbone"]
     if ema:
@@ -180,7 +181,7 @@ def test_supervised_loss_matches_oracle():
   state = _state()
   batch = _supervised_batch(0)
   _, metrics = _supervised_run(4)
-  keys = steps.example_keys(jax.random.key(42), 0, 0, jnp.asarray(batch["index"]))
+  keys = augment.example_keys(jax.random.key(42), 0, jnp.asarray(batch["index"]), stream=0)
   model = models.get("cnn_small", num_classes=K, width=4)  # no device axis outside pmap
   logits, _ = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
     {"params": state.params, "batch_stats": state.batch_stats},
@@ -221,12 +222,12 @@ def test_selmix_loss_matches_oracle(bn_stats):
   _, metrics = _selmix_run(1, False, bn_stats)
   key, position = jax.random.key(42), jnp.arange(B)  # one device: position = batch slot
   x1_keys = jax.vmap(jax.random.fold_in)(
-      steps.example_keys(key, 0, steps._STREAM_X1, jnp.asarray(batch["index1"])), position
+      augment.example_keys(key, 0, jnp.asarray(batch["index1"]), stream=steps._STREAM_X1), position
   )
   x2_keys = jax.vmap(jax.random.fold_in)(
-      steps.example_keys(key, 0, steps._STREAM_X2, jnp.asarray(batch["index2"])), position
+      augment.example_keys(key, 0, jnp.asarray(batch["index2"]), stream=steps._STREAM_X2), position
   )
-  mix_keys = steps.example_keys(key, 0, steps._STREAM_MIX, position)
+  mix_keys = augment.example_keys(key, 0, position, stream=steps._STREAM_MIX)
   w = np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (), minval=0.6, maxval=1.0))(mix_keys))
   model = models.get("cnn_small", num_classes=K, width=4)
   variables = {"params": state.params, "batch_stats": state.batch_stats}

@@ -11,7 +11,7 @@ import pytest
 
 from configs import default
 from selmix_jax import finetune
-from selmix_jax import run_lib
+from selmix_jax import selmix_state
 from selmix_jax import train
 
 
@@ -68,21 +68,18 @@ def test_default_tiny_runs_on_four_devices_and_writes_outputs(uninterrupted):
 def test_resume_after_preemption_matches_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
   full_dir, full_result = uninterrupted
   workdir = str(tmp_path)
-  original_step = run_lib.Reporter.step
-  state = {"selmix_steps": 0}
+  original_step = finetune._Run.train_step
 
   def preempting_step(self, step):
-    # Kill the fine-tuning stage after step 8 (its checkpoint at step 6 is the last one).
-    if self.writer_dir.rstrip("/").endswith("selmix"):
-      state["selmix_steps"] += 1
-      if step == 8:
-        raise _Preempted()
-    original_step(self, step)
+    # Kill the fine-tuning stage before step 8 (its checkpoint at step 6 is the last one).
+    if step == 8:
+      raise _Preempted()
+    return original_step(self, step)
 
-  monkeypatch.setattr(run_lib.Reporter, "step", preempting_step)
+  monkeypatch.setattr(finetune._Run, "train_step", preempting_step)
   with pytest.raises(_Preempted):
     train.train_and_evaluate(default.get_config("tiny"), workdir)
-  monkeypatch.setattr(run_lib.Reporter, "step", original_step)
+  monkeypatch.setattr(finetune._Run, "train_step", original_step)
   result = train.train_and_evaluate(default.get_config("tiny"), workdir)
 
   step_a, params_a, selmix_a = _final_params(os.path.join(full_dir, "selmix"))
@@ -149,13 +146,7 @@ def test_semi_supervised_path_uses_pseudo_labelled_partners(tmp_path):
   assert result["steps"] == 12
 
 
-class _Cfg(dict):
-  __getattr__ = dict.__getitem__
-
-
 def test_early_stop_rule():
-  cfg = _Cfg(early_stop=True, early_stop_window=10, early_stop_tol=0.05)
-  assert not finetune._should_stop([1.0] * 9, cfg)  # fewer than 10 refreshes
-  assert finetune._should_stop([5.0, 4.0] + [1.0] * 10, cfg)  # plateaued
-  assert not finetune._should_stop([1.0] * 9 + [2.0], cfg)  # still moving
-  assert not finetune._should_stop([1.0] * 10, _Cfg(cfg, early_stop=False))
+  assert not selmix_state.should_stop([1.0] * 9, window=10, tol=0.05)  # fewer than 10 refreshes
+  assert selmix_state.should_stop([5.0, 4.0] + [1.0] * 10, window=10, tol=0.05)  # plateaued
+  assert not selmix_state.should_stop([1.0] * 9 + [2.0], window=10, tol=0.05)  # still moving

@@ -34,30 +34,43 @@ differ from PIL's, which FixMatch's magnitudes assume.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import dm_pix as pix
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 GRAY = 0.5
 NUM_OPS_CHOICES = (2, 3)
 
 
 def example_keys(
-  base_key: jax.Array, step: int | jax.Array, example_indices: jax.Array
+  base_key: jax.Array,
+  step: int | jax.Array,
+  example_indices: jax.Array,
+  *,
+  stream: int | None = None,
 ) -> jax.Array:
-  """Per-example keys `fold_in(fold_in(base_key, step), index)`.
+  """Per-example keys `fold_in(fold_in(fold_in(base_key, step), stream), index)`.
+
+  The one key derivation of the code base: augmentation draws depend on (base key, step,
+  stream, example index) only, not on how a batch is composed or split over devices.
 
   Args:
     base_key: a PRNG key.
     step: training step (int or scalar array).
     example_indices: int [B] dataset indices of the examples.
+    stream: a small int naming the use (so two uses of one example never share keys), or None
+      for no stream fold.
 
   Returns:
     Keys with leading shape [B] (raw uint32 [B, 2] for raw base keys).
   """
   step_key = jax.random.fold_in(base_key, step)
+  if stream is not None:
+    step_key = jax.random.fold_in(step_key, stream)
   return jax.vmap(lambda i: jax.random.fold_in(step_key, i))(jnp.asarray(example_indices))
 
 
@@ -341,3 +354,31 @@ def strong_batch(
 ) -> jax.Array:
   """`strong` over a batch: images [B, H, W, C], keys [B, 2] -> [B, H, W, C]."""
   return jax.vmap(lambda x, k: strong(x, k, pad=pad, cutout_frac=cutout_frac))(images, keys)
+
+
+def make_preprocess(
+  kind: str, *, mean, std, pad: int = 4
+) -> Callable[[jax.Array, jax.Array | None], jax.Array]:
+  """Per-device preprocessing `(uint8 images [B, H, W, C], keys [B]) -> float32 normalised`.
+
+  Args:
+    kind: 'none' (evaluation; keys may be None), 'weak' (flip + pad-crop) or 'strong'
+      (RandAugment + Cutout).
+    mean: per-channel mean of [0, 1] pixels.
+    std: per-channel standard deviation.
+    pad: padding of the weak random crop.
+  """
+  if kind not in ("none", "weak", "strong"):
+    raise ValueError(f"Unknown preprocessing {kind!r}; expected 'none', 'weak' or 'strong'.")
+  mean = tuple(float(m) for m in np.atleast_1d(mean))
+  std = tuple(float(s) for s in np.atleast_1d(std))
+
+  def preprocess(images, keys):
+    x = to_float(images)
+    if kind == "weak":
+      x = jax.vmap(functools.partial(weak, pad=pad))(x, keys)
+    elif kind == "strong":
+      x = jax.vmap(strong)(x, keys)
+    return normalize(x, jnp.asarray(mean), jnp.asarray(std))
+
+  return preprocess
