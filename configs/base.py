@@ -63,6 +63,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.selmix.gain_chunk_size = ml_collections.FieldReference(None, field_type=int)
   config.selmix.pairs = "gain"  # controls: 'uniform' pairs, 'instance' sampling
   config.selmix.partner_pool = "labeled"  # 'unlabeled' for semi-supervised (pseudo-labels)
+  # Semi-supervised partners are keyed by 'pseudo' labels (SPEC §5), or by the unlabeled pool's
+  # 'true' labels: an oracle that reproduces the authors' release protocol.
+  config.selmix.partner_labels = "pseudo"
   config.selmix.early_stop = False
   config.selmix.early_stop_window = 10
   config.selmix.early_stop_tol = 0.05

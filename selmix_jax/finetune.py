@@ -139,7 +139,7 @@ class _Run:
     cfg, ds = self.cfg, self.ds
     val = self.evaluate(self.state_repl, ds.val)
     partner_labels = self.selmix.partner_labels
-    if cfg.partner_pool == "unlabeled":
+    if cfg.partner_pool == "unlabeled" and cfg.partner_labels == "pseudo":
       partner_labels = self.evaluate(self.state_repl, self.partner).preds.astype(np.int32)
     head = train_state.unreplicate(self.state_repl.params)["head"]
     self.selmix = selmix_state.to_host(self.refresh_fn(

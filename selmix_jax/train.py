@@ -75,6 +75,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"config.selmix.partner_pool={config.selmix.partner_pool!r}; expected 'labeled' or "
           "'unlabeled' (semi-supervised: partners from the pseudo-labelled unlabeled pool)."
       )
+    if config.selmix.partner_labels not in ("pseudo", "true"):
+      raise ValueError(
+          f"config.selmix.partner_labels={config.selmix.partner_labels!r}; expected 'pseudo' "
+          "(SPEC §5) or 'true' (the unlabeled pool's true labels, the authors' release protocol)."
+      )
+    if config.selmix.partner_pool == "unlabeled" and config.data.unlabeled_max == 0:
+      raise ValueError(
+          "config.selmix.partner_pool='unlabeled' needs an unlabeled pool: set "
+          "config.data.unlabeled_max > 0 (-1 = every remaining training example)."
+      )
     if config.selmix.refresh_every <= 0:
       raise ValueError("config.selmix.refresh_every must be a positive number of steps.")
     if config.selmix.bn_stats not in steps.BN_STATS_MODES:

@@ -1,11 +1,25 @@
-"""Test setup: fake four host CPU devices before JAX initialises its backend."""
+"""Test setup: fake four host CPU devices before JAX initialises its backend.
 
+Compiled executables go to a persistent cache in a temporary directory for this session (set
+through the environment, so the subprocesses of multi-process and restart tests share it): a run
+that compiles what an earlier test compiled loads it instead.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 _FLAG = "--xla_force_host_platform_device_count=4"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="selmix-jax-test-cache-")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 # TensorFlow is only used for input pipelines; keep it off any accelerator.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 

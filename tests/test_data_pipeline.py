@@ -191,3 +191,27 @@ def test_build_stl10_takes_the_unlabelled_split_by_default(tmp_path):
   np.testing.assert_array_equal(data.labeled_class_counts, splits.labeled_counts(5, 5.0, 10))
   assert data.unlabeled.source is not data.labeled.source and len(data.unlabeled) == 150
   np.testing.assert_array_equal(data.val.class_counts(10), [2] * 10)
+
+
+def test_a_registered_data_set_is_built_from_its_one_entry():
+  from selmix_jax.data import datasets  # pylint: disable=g-import-not-at-top
+
+  def load(config, split):
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    n = 60 if split == "train" else 12
+    images = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    return sources.ArraySource(images, np.arange(n) % 3, ("x", "y", "z"))
+
+  datasets.register(
+    datasets.DatasetSpec("test_blobs", load, mean=(0.5,) * 3, std=(0.25,) * 3, test_split="val"),
+    overwrite=True,
+  )
+  data = pipeline.build(
+    ml_collections.ConfigDict(dict(name="test_blobs", labeled_max=8, val_per_class=4))
+  )
+  assert "test_blobs" in pipeline.names()
+  assert data.class_names == ("x", "y", "z") and len(data.test) == 12
+  np.testing.assert_array_equal(data.labeled_class_counts, splits.labeled_counts(8, 10.0, 3))
+  np.testing.assert_allclose(data.mean, [0.5] * 3)
+  with pytest.raises(ValueError, match="already registered"):
+    datasets.register(datasets.DatasetSpec("test_blobs", load))
