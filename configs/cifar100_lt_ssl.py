@@ -9,8 +9,8 @@ Expected (SPEC §9, x100, paper): min head-tail recall 34.6 (FixMatch(LA)) -> 57
 
 import ml_collections
 
-from configs import base
-from configs import cifar10_lt_ssl
+from selmix_jax.configs import base
+from selmix_jax.configs import cifar10_lt_ssl
 
 
 def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:

@@ -9,8 +9,8 @@ Expected: no SPEC §9 number for this setting; compare pre-trained vs SelMix on 
 
 import ml_collections
 
-from configs import base
-from configs import cifar10_lt_sup
+from selmix_jax.configs import base
+from selmix_jax.configs import cifar10_lt_sup
 
 
 def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:

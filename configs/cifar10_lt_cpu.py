@@ -28,7 +28,7 @@ import os
 
 import ml_collections
 
-from configs import base
+from selmix_jax.configs import base
 
 VARIANTS = ("pretrain", "min_recall", "mean_recall", "gmean", "hmean",
             "mean_recall_min_coverage", "plain_ft", "uniform_mixup", "ssl_pretrain",

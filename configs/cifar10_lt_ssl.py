@@ -15,7 +15,7 @@ rho_u = 1: 93.5 -> 93.8 mean recall, 83.3 -> 88.4 min recall; rho_u = 1/100: 80.
 
 import ml_collections
 
-from configs import base
+from selmix_jax.configs import base
 
 
 def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:

@@ -12,7 +12,7 @@ images per class first, so N1 = 4500 is the largest head class that fits.
 
 import ml_collections
 
-from configs import base
+from selmix_jax.configs import base
 
 
 def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:

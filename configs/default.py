@@ -16,7 +16,7 @@ semi-supervised split (FixMatch(LA) pre-training, SelMix partners from the pseud
 
 import ml_collections
 
-from configs import base
+from selmix_jax.configs import base
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

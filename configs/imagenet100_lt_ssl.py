@@ -15,8 +15,8 @@ Expected: no SPEC §9 number; compare pre-trained vs SelMix on the same run.
 
 import ml_collections
 
-from configs import base
-from configs import cifar10_lt_ssl
+from selmix_jax.configs import base
+from selmix_jax.configs import cifar10_lt_ssl
 
 
 def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:

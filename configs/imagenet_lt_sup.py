@@ -13,7 +13,7 @@ min head-tail recall 29.7 -> 45.1 (SelMix min_head_tail_recall).
 
 import ml_collections
 
-from configs import base
+from selmix_jax.configs import base
 
 
 def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:

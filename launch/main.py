@@ -2,9 +2,14 @@
 
 Without --config it runs `configs/default.py`: long-tailed digits (bundled with scikit-learn, no
 download), pre-training then SelMix fine-tuning for min recall, ending with a before/after table.
-For multi-host runs (TPU pods, multi-node GPU) pass --distributed or set SELMIX_DISTRIBUTED=1.
+
+`--imports=my_pkg.my_module` (repeatable) imports your modules before the config is read, so an
+objective, model, pair strategy or data set they register can be named in the config. JAX flags
+work from the command line (`--jax_debug_nans`, `--jax_platforms=cpu`, ...). Multi-host (TPU pods,
+multi-node GPU): `--distributed` (or SELMIX_DISTRIBUTED=1) calls `jax.distributed.initialize()`.
 """
 
+import importlib
 import logging as std_logging
 import os
 import sys
@@ -12,23 +17,45 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)  # Run from a checkout without installing.
+jax.config.config_with_absl()
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
-    os.path.join(_REPO, "configs", "default.py"),
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"),
     "ml_collections config file (`path.py` or `path.py:variant`).",
     lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Output and checkpoint directory.")
+_IMPORTS_HELP = (
+    "Module to import before the config is read (repeatable), e.g. one that registers an "
+    "objective, model, pair strategy or data set."
+)
+_IMPORTS = flags.DEFINE_multi_string("imports", [], _IMPORTS_HELP)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
     os.environ.get("SELMIX_DISTRIBUTED", "") == "1",
     "Call jax.distributed.initialize() (multi-host).",
 )
+
+
+def import_user_modules(argv: list[str]) -> list[str]:
+  """Imports the `--imports` modules of `argv`, before absl parses `--config`.
+
+  absl reads the config file while it parses the command line, so the modules a config relies on
+  are imported from a first pass over `--imports` only.
+  """
+  early = flags.FlagValues()
+  flags.DEFINE_multi_string("imports", [], _IMPORTS_HELP, flag_values=early)
+  early(argv, known_only=True)
+  for name in early.imports:
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise SystemExit(f"--imports={name}: cannot import it ({e}).") from e
+  return list(early.imports)
 
 
 def _quiet_library_info(record: std_logging.LogRecord) -> bool:
@@ -39,13 +66,7 @@ def _quiet_library_info(record: std_logging.LogRecord) -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   std_logging.getLogger("absl").addFilter(_quiet_library_info)
-  import jax  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  # TensorFlow only reads data; keep it off accelerators JAX needs.
-  tf.config.set_visible_devices([], "GPU")
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from selmix_jax import train  # pylint: disable=g-import-not-at-top
@@ -55,5 +76,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required([])
+  import_user_modules(sys.argv)
   app.run(main)

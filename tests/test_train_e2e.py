@@ -9,7 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import default
+from selmix_jax.configs import default
 from selmix_jax import data
 from selmix_jax import finetune
 from selmix_jax import train

@@ -410,6 +410,21 @@ def imagenet100_classes() -> tuple[str, ...]:
   return tuple(sorted(line.strip() for line in text.splitlines() if line.strip()))
 
 
+def _import_tfds():
+  """TensorFlow Datasets, imported on first use (the `[tfds]` extra); TensorFlow kept off GPUs."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+      "TFDS data sets need TensorFlow Datasets: pip install 'selmix_jax[tfds]' "
+      f"(or use an image folder: config.data.name='image_folder'). ({e})"
+    ) from e
+  # TensorFlow only reads data here; the accelerators belong to JAX.
+  tf.config.set_visible_devices([], "GPU")
+  return tfds
+
+
 def load_tfds(
   name: str,
   split: str,
@@ -438,7 +453,7 @@ def load_tfds(
   Returns:
     An `ArraySource` or a `RandomAccessSource`.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (heavy)
+  tfds = _import_tfds()
 
   if name in IN_MEMORY_TFDS:
     # Batches of 4096 rather than batch_size=-1: the latter aborts inside TF for
