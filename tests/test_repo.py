@@ -21,4 +21,4 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_readme_main_job_command_uses_the_default_config():
   readme = open(os.path.join(_REPO, "README.md"), encoding="utf-8").read()
   main = [b.strip() for b in _bash_blocks(readme) if "launch/main.py --workdir" in b]
-  assert len(main) == 1 and "pip install -e ." in main[0]
+  assert len(main) == 1 and 'pip install -e ".[train]"' in main[0]
