@@ -6,7 +6,10 @@ download), pre-training then SelMix fine-tuning for min recall, ending with a be
 `--imports=my_pkg.my_module` (repeatable) imports your modules before the config is read, so an
 objective, model, pair strategy or data set they register can be named in the config. JAX flags
 work from the command line (`--jax_debug_nans`, `--jax_platforms=cpu`, ...). Multi-host (TPU pods,
-multi-node GPU): `--distributed` (or SELMIX_DISTRIBUTED=1) calls `jax.distributed.initialize()`.
+multi-node GPU): `--distributed` (or SELMIX_DISTRIBUTED=1) calls `jax.distributed.initialize()`
+with the cluster's auto-detection; `--coordinator_address=host:port --num_processes=N
+--process_id=i` passes the layout explicitly. SIGTERM/SIGINT stop the run after the current step
+with a checkpoint (exit status 128 + the signal number); the same command resumes it.
 """
 
 import importlib
@@ -37,8 +40,13 @@ _IMPORTS = flags.DEFINE_multi_string("imports", [], _IMPORTS_HELP)
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed",
     os.environ.get("SELMIX_DISTRIBUTED", "") == "1",
-    "Call jax.distributed.initialize() (multi-host).",
+    "Call jax.distributed.initialize() with the cluster's auto-detection (TPU pods, SLURM, ...).",
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-process without auto-detection)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with the above).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
 
 def import_user_modules(argv: list[str]) -> list[str]:
@@ -67,12 +75,30 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   std_logging.getLogger("absl").addFilter(_quiet_library_info)
-  if _DISTRIBUTED.value:
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise app.UsageError(
+          "--coordinator_address, --num_processes and --process_id go together (or use "
+          "--distributed alone for the cluster's auto-detection)."
+      )
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
+  elif _DISTRIBUTED.value:
     jax.distributed.initialize()
   from selmix_jax import train  # pylint: disable=g-import-not-at-top
 
+  from selmix_jax import loop  # pylint: disable=g-import-not-at-top
+
   logging.info("Config:\n%s", _CONFIG.value)
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except loop.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(128 + e.signum)  # What a process killed by that signal reports.
 
 
 if __name__ == "__main__":

@@ -7,9 +7,16 @@ checkpoint intact; `latest_step` only ever sees finished ones.
 
 Orbax refuses zero-size arrays (e.g. the empty multiplier vector of an objective without Lagrange
 multipliers); such leaves are left out on save and taken from the restore template.
+
+A damaged checkpoint never takes the older ones with it: `restore_latest` tries the newest step
+and, when it cannot be read, moves it aside to `<directory>.damaged/` (never deleting it), warns
+naming the step, and falls back to the previous one. A checkpoint written by another model or
+config is a different matter: it raises `CheckpointMismatchError` before anything is read.
 """
 
 import os
+import shutil
+import time
 from typing import Any
 
 from absl import logging
@@ -20,10 +27,19 @@ import orbax.checkpoint as ocp
 PyTree = Any
 
 
+class CheckpointMismatchError(ValueError):
+  """A checkpoint does not fit the model/config of this run (names the entry and shapes)."""
+
+
 def make_manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
-  """A manager over `directory` (created if missing) that keeps the newest `max_to_keep` steps."""
+  """A manager over `directory` (created if missing) that keeps the newest `max_to_keep` steps.
+
+  It reads item metadata (shapes) of existing steps, so a restore can check them first.
+  """
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(
+      os.path.abspath(directory), options=options, item_handlers=ocp.StandardCheckpointHandler()
+  )
 
 
 def _to_numpy(tree: PyTree) -> PyTree:
@@ -54,7 +70,8 @@ def restore(manager: ocp.CheckpointManager, template: PyTree, step: int | None =
 
   Raises:
     FileNotFoundError: there is no finished checkpoint.
-    ValueError: the checkpoint does not match `template` (names the first mismatching entry).
+    CheckpointMismatchError: the checkpoint does not match `template` (names the first
+      mismatching entry).
   """
   step = manager.latest_step() if step is None else step
   if step is None:
@@ -64,6 +81,39 @@ def restore(manager: ocp.CheckpointManager, template: PyTree, step: int | None =
   _check_compatible(stored, _drop_empty(template), where=f"{manager.directory}/{step}")
   restored = manager.restore(step, args=ocp.args.StandardRestore(_drop_empty(template)))
   return _fill_empty(restored, template)
+
+
+def restore_latest(manager: ocp.CheckpointManager, template: PyTree) -> tuple[PyTree, int | None]:
+  """The newest readable checkpoint restored into `template`, and its step (None if none).
+
+  A step that cannot be read (truncated or missing files) is moved aside to
+  `<directory>.damaged/<step>` with a warning, and the previous step is tried.
+
+  Raises:
+    CheckpointMismatchError: the newest checkpoint belongs to another model/config.
+  """
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return restore(manager, template, step), step
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  (Orbax/TensorStore raise many kinds)
+      moved = _move_aside(manager.directory, step)
+      logging.warning(
+          "Checkpoint step %d in %s cannot be read (%s: %s); moved it to %s and trying the "
+          "previous step.", step, manager.directory, type(e).__name__, str(e).splitlines()[0][:200],
+          moved,
+      )
+      manager.reload()
+  return template, None
+
+
+def _move_aside(directory, step: int) -> str:
+  target_dir = f"{os.fspath(directory).rstrip(os.sep)}.damaged"
+  os.makedirs(target_dir, exist_ok=True)
+  target = os.path.join(target_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+  shutil.move(os.path.join(os.fspath(directory), str(step)), target)
+  return target
 
 
 def _metadata_leaves(meta: PyTree) -> dict[str, tuple[int, ...]]:
@@ -90,16 +140,18 @@ def _check_compatible(stored_meta: PyTree, template: PyTree, *, where: str) -> N
   wanted = _metadata_leaves(template)
   missing = sorted(set(wanted) - set(stored))
   if missing:
-    raise ValueError(
+    raise CheckpointMismatchError(
         f"Checkpoint {where} does not match this run: it has no entry {missing[0]!r} "
-        f"({len(missing)} missing). Was it written by a different model or config?"
+        f"({len(missing)} missing). Was it written by a different model or config? Use another "
+        "--workdir, or the config that wrote it."
     )
   for name, shape in wanted.items():
     if stored[name] != shape:
-      raise ValueError(
+      raise CheckpointMismatchError(
           f"Checkpoint {where} does not match this run: {name!r} has shape {stored[name]} "
           f"in the checkpoint but {shape} in the model built from the config (different "
-          "model, width or number of classes?)."
+          "model, width or number of classes?). Use another --workdir, or the config that "
+          "wrote it."
       )
 
 

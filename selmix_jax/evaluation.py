@@ -1,8 +1,11 @@
-"""Exact evaluation passes: padded, masked batches and psum'd confusion counts.
+"""Exact evaluation passes: padded, masked batches, each process over its share.
 
-Every example of the evaluated split is counted exactly once, whatever the batch size and device
-count: the last batch is padded and carries `mask=False` rows that the per-device step ignores,
-and confusion counts and per-class feature sums are `psum`'d across devices inside the step.
+Every example of the evaluated split is counted exactly once, whatever the batch size, device
+count and process count: the last batch is padded and carries `mask=False` rows that the
+per-device step ignores; each process loads and evaluates only its slice of every batch;
+confusion counts are `psum`'d across all devices inside the step, and the per-device feature sums
+and predictions are combined on the host in a fixed global order (`evaluate`), so a multi-process
+run computes exactly what one process computes over the same devices.
 """
 
 import dataclasses
@@ -11,6 +14,7 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from selmix_jax import metrics
@@ -51,7 +55,7 @@ class EvalResult:
 
 
 def make_p_eval_step(model, *, num_classes: int, preprocess_fn: Callable[..., Any]):
-  """The pmapped evaluation step (per-device body in `steps.eval_step`).
+  """The pmapped evaluation step (per-device body in `steps.eval_step`), feature sums per device.
 
   Args:
     model: the Flax model (its `apply` is bound).
@@ -65,49 +69,74 @@ def make_p_eval_step(model, *, num_classes: int, preprocess_fn: Callable[..., An
           preprocess_fn=lambda images: preprocess_fn(images, None),
           apply_fn=model.apply,
           axis_name="batch",
+          psum_features=False,
       ),
       axis_name="batch",
   )
 
 
+_add = jax.jit(lambda a, b: jax.tree.map(jax.numpy.add, a, b))
+
+
 def evaluate(p_eval_step, variables_repl, source, indices, *, batch_size: int) -> EvalResult:
-  """Runs one exact pass over `source[indices]`.
+  """Runs one exact pass over `source[indices]`, each process over its share of every batch.
+
+  Counts stay on the devices until the pass ends: integer counts are psum'd over all devices
+  of all processes by the step (exact); per-class feature sums are accumulated per device and
+  added up on the host in float64 in global device order, and predictions are gathered from
+  every process in example order, so every process gets the same result, and the same as a
+  single-process run over the same devices.
 
   Args:
     p_eval_step: from `make_p_eval_step`.
     variables_repl: replicated `{'params', 'batch_stats'}` (leading device axis).
     source: a data source (see `selmix_jax.data.sources`).
     indices: `[N]` example indices into `source`.
-    batch_size: global evaluation batch size (divisible by the local device count).
+    batch_size: global evaluation batch size (divisible by the number of devices).
   """
-  num = len(indices)
-  preds = np.zeros((num,), np.int32)
-  max_prob = np.zeros((num,), np.float32)
-  totals = None
-  position = 0
+  totals, preds, max_prob, masks = None, [], [], []
   for batch in pipeline.eval_batches(
-      source, indices, batch_size, num_devices=jax.local_device_count()
+      source,
+      indices,
+      batch_size,
+      num_devices=jax.local_device_count(),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
   ):
     out = p_eval_step(variables_repl, batch)
-    counts = train_state.unreplicate(
-        {k: out[k] for k in ("confusion", "feature_sums", "class_counts")}
-    )
-    counts = jax.tree.map(lambda x: np.asarray(x, np.float64), counts)
-    totals = counts if totals is None else jax.tree.map(np.add, totals, counts)
-    mask = np.asarray(batch["mask"]).reshape(-1)
-    valid = int(mask.sum())
-    preds[position : position + valid] = np.asarray(out["preds"]).reshape(-1)[mask]
-    max_prob[position : position + valid] = np.asarray(out["max_prob"]).reshape(-1)[mask]
-    position += valid
-  if position != num:
-    raise RuntimeError(f"Evaluation saw {position} examples, expected {num}.")
-  return EvalResult(
-      confusion=totals["confusion"].astype(np.int64),
-      feature_sums=totals["feature_sums"],
-      class_counts=totals["class_counts"].astype(np.int64),
-      preds=preds,
-      max_prob=max_prob,
+    counts = {k: out[k] for k in ("confusion", "feature_sums", "class_counts")}
+    totals = counts if totals is None else _add(totals, counts)
+    preds.append(train_state.local_replicas(out["preds"]).reshape(-1))
+    max_prob.append(train_state.local_replicas(out["max_prob"]).reshape(-1))
+    masks.append(np.asarray(batch["mask"]).reshape(-1))
+  if totals is None:
+    raise ValueError("Cannot evaluate an empty split.")
+  # Per device [n_local, K, D] -> every device of every process, in global order.
+  feature_sums = _gather_processes(
+      train_state.local_replicas(totals["feature_sums"]).astype(np.float64)
   )
+  in_order = lambda x: _gather_processes(np.stack(x)).transpose(1, 0, 2).reshape(-1)
+  mask = in_order(masks)
+  result = EvalResult(
+      confusion=train_state.local_replicas(totals["confusion"])[0].astype(np.int64),
+      feature_sums=feature_sums.reshape(-1, *feature_sums.shape[-2:]).sum(axis=0),
+      class_counts=train_state.local_replicas(totals["class_counts"])[0].astype(np.int64),
+      preds=in_order(preds)[mask],
+      max_prob=in_order(max_prob)[mask],
+  )
+  if len(result.preds) != len(indices) or result.confusion.sum() != len(indices):
+    raise RuntimeError(
+        f"Evaluation counted {result.confusion.sum()} examples and {len(result.preds)} "
+        f"predictions, expected {len(indices)}."
+    )
+  return result
+
+
+def _gather_processes(x: np.ndarray) -> np.ndarray:
+  """`[P, ...]`: this process's array stacked with every other process's (P = 1 alone)."""
+  if jax.process_count() == 1:
+    return x[None]
+  return np.asarray(multihost_utils.process_allgather(x))
 
 
 def evaluate_split(p_eval_step, variables_repl, split, *, batch_size: int) -> EvalResult:

@@ -72,8 +72,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
         after_step=[
             loop.Periodic(cfg.log_every, r.log, at_end=True),
             loop.Periodic(cfg.eval_every, r.evaluate_test),
-            loop.Periodic(cfg.checkpoint_every, r.save, at_end=True),
         ],
+        checkpoint=loop.Periodic(cfg.checkpoint_every, r.save, at_end=True),
         progress=loop.Progress(cfg.num_steps, writer),
     )
   finally:

@@ -15,15 +15,84 @@ runs ahead of the device and reports how fast it enqueues work).
 """
 
 import dataclasses
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 STOP = "stop"
+
+
+class Preempted(Exception):
+  """The run was asked to stop (SIGTERM/SIGINT); a checkpoint at `step` holds its work."""
+
+  def __init__(self, step: int, signum: int):
+    self.step, self.signum = step, signum
+    super().__init__(
+        f"Stopped by {signal.Signals(signum).name} after step {step}; a checkpoint at step "
+        f"{step} holds the work. Run the same command again to resume."
+    )
+
+
+class Preemption:
+  """Turns SIGTERM (the preemption signal of cloud TPUs/GPUs) and SIGINT into a request to stop
+  at the next step boundary, after a checkpoint.
+
+  One process: Python handlers set a flag that `reached(step)` reads. Several processes: every
+  process must stop after the same step, so `reached` asks JAX's preemption sync service
+  (`multihost_utils.reached_preemption_sync_point`), which listens for SIGTERM itself; SIGINT is
+  forwarded to it as SIGTERM.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+    self._multi = jax.process_count() > 1
+
+  def __enter__(self):
+    if threading.current_thread() is not threading.main_thread():
+      return self  # Signal handlers can only be installed from the main thread.
+    signums = (signal.SIGINT,) if self._multi else (signal.SIGTERM, signal.SIGINT)
+    for signum in signums:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous.clear()
+
+  def _handle(self, signum, frame):
+    del frame
+    if self._multi:
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption service handles SIGTERM.
+      self.signum = signal.SIGTERM
+      return
+    if self.signum is None:
+      logging.warning(
+          "Received %s: stopping after the current step with a checkpoint.",
+          signal.Signals(signum).name,
+      )
+    self.signum = signum
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after `step` (the same answer on every process)."""
+    if not self._multi:
+      return self.signum is not None
+    try:
+      reached = multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # The preemption service is off (jax_enable_preemption_service).
+      return False
+    if reached and self.signum is None:
+      self.signum = signal.SIGTERM
+    return reached
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +196,14 @@ def run(
     train_step: Callable[[int], Any],
     before_step: Sequence[Periodic] = (),
     after_step: Sequence[Periodic] = (),
+    checkpoint: Periodic | None = None,
     progress: Progress | None = None,
 ) -> tuple[int, bool]:
   """Runs steps `start_step .. num_steps - 1` with the periodic actions.
+
+  SIGTERM or SIGINT during the loop (`Preemption`) ends it after the current step: the
+  `checkpoint` action runs at that step (unless it just did) and `Preempted` is raised; the
+  caller waits for the asynchronous save in its `finally`.
 
   Args:
     start_step: first step to run (the restored step when resuming).
@@ -139,25 +213,32 @@ def run(
     before_step: actions due at `step` run before the step (a `STOP` return ends the loop
       there, without running the step).
     after_step: actions due at `step + 1` run after the step, with the count of completed steps.
+    checkpoint: the checkpoint action (runs after the other after-step actions, and on a stop).
     progress: optional `Progress`, called after every step.
 
   Returns:
     `(steps_completed, stopped_early)`.
   """
+  after_step = (*after_step, checkpoint) if checkpoint is not None else tuple(after_step)
   step, stopped = start_step, False
   ran_at = set()
-  while step < num_steps:
-    if any(a.fn(step) == STOP for a in before_step if a.due(step)):
-      stopped = True
-      break
-    outputs = train_step(step)
-    step += 1
-    if progress is not None:
-      progress(step, outputs)
-    for action in after_step:
-      if action.due(step) or (action.at_end and step == num_steps):
-        action.fn(step)
-        ran_at.add((id(action), step))
+  with Preemption() as preemption:
+    while step < num_steps:
+      if any(a.fn(step) == STOP for a in before_step if a.due(step)):
+        stopped = True
+        break
+      outputs = train_step(step)
+      step += 1
+      if progress is not None:
+        progress(step, outputs)
+      for action in after_step:
+        if action.due(step) or (action.at_end and step == num_steps):
+          action.fn(step)
+          ran_at.add((id(action), step))
+      if step < num_steps and preemption.reached(step):
+        if checkpoint is not None and (id(checkpoint), step) not in ran_at:
+          checkpoint.fn(step)
+        raise Preempted(step, preemption.signum)
   for action in (*before_step, *after_step):
     if stopped and action.at_end and (id(action), step) not in ran_at:
       action.fn(step)

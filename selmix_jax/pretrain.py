@@ -81,8 +81,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
         after_step=[
             loop.Periodic(cfg.log_every, log, at_end=True),
             loop.Periodic(cfg.eval_every, validate),
-            loop.Periodic(cfg.checkpoint_every, save, at_end=True),
         ],
+        checkpoint=loop.Periodic(cfg.checkpoint_every, save, at_end=True),
         progress=loop.Progress(cfg.num_steps, writer),
     )
   finally:

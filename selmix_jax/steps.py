@@ -292,6 +292,7 @@ def eval_step(
     apply_fn: Callable[..., Any] | None = None,
     axis_name: str = "batch",
     use_ema: bool = False,
+    psum_features: bool = True,
 ) -> dict[str, jax.Array]:
   """Evaluation counts for one (padded) batch, with BatchNorm on its running statistics.
 
@@ -304,11 +305,14 @@ def eval_step(
     apply_fn: `model.apply`, needed only with a variables dict.
     axis_name: the device axis.
     use_ema: evaluate the state's EMA parameters and statistics.
+    psum_features: psum the feature sums too; False leaves them per device, so a caller can
+      add them up in a fixed device order (float sums then do not depend on how devices are
+      spread over processes; the integer counts are exact either way).
 
   Returns:
-    psum'd over devices: 'confusion' [K, K] int32 (rows = true class), 'feature_sums'
-    [K, D] float32 (per-class sums of g(x)), 'class_counts' [K] int32; per device (not
-    reduced): 'preds' [b] int32 and 'max_prob' [b] float32.
+    psum'd over devices: 'confusion' [K, K] int32 (rows = true class), 'class_counts' [K]
+    int32 and (if `psum_features`) 'feature_sums' [K, D] float32 (per-class sums of g(x));
+    per device (not reduced): 'preds' [b] int32 and 'max_prob' [b] float32.
   """
   if isinstance(state_or_variables, train_state.TrainState):
     state = state_or_variables
@@ -334,5 +338,6 @@ def eval_step(
       ),
       "class_counts": onehot.sum(axis=0).astype(jnp.int32),
   }
-  counts = jax.lax.psum(counts, axis_name)
+  reduced = {k: v for k, v in counts.items() if psum_features or k != "feature_sums"}
+  counts.update(jax.lax.psum(reduced, axis_name))
   return {**counts, "preds": preds, "max_prob": probs.max(axis=-1)}

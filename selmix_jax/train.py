@@ -25,6 +25,7 @@ from selmix_jax import pairs
 from selmix_jax import pretrain
 from selmix_jax import reporting
 from selmix_jax import steps
+from selmix_jax import workdir as workdir_lib
 from selmix_jax.data import pipeline
 
 MODES = ("pretrain", "selmix", "pretrain_and_selmix")
@@ -102,7 +103,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the job `config.mode` in `workdir` (resuming whatever is already there)."""
+  """Runs the job `config.mode` in `workdir` (resuming whatever is already there).
+
+  Holds the workdir's lock while it runs. A job that already finished in `workdir` with the same
+  config prints its stored results and returns them without computing anything.
+  """
   validate(config)
   logging.info(
       "JAX process %d/%d, %d local device(s), %d in all: %s",
@@ -110,36 +115,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       jax.local_devices(),
   )
   os.makedirs(workdir, exist_ok=True)
-  datasets = data.build(config.data)
-  logging.info(
-      "Data %s: %d classes, labeled per class %s.",
-      config.data.name,
-      datasets.num_classes,
-      datasets.labeled_class_counts.tolist(),
-  )
-  if config.mode == "pretrain":
-    return pretrain.run(config, workdir, datasets)
-  if config.mode == "selmix":
-    return finetune.run(config, workdir, datasets)
+  config_dict = config.to_dict()
+  with workdir_lib.lock(workdir):
+    done = workdir_lib.finished(workdir, config_dict)
+    if done is not None:
+      logging.info("%s holds a finished run of this config; its stored results:", workdir)
+      _show(done["text"])
+      return done["result"]
+    datasets = data.build(config.data)
+    logging.info(
+        "Data %s: %d classes, labeled per class %s.",
+        config.data.name,
+        datasets.num_classes,
+        datasets.labeled_class_counts.tolist(),
+    )
+    result, text = _run(config, workdir, datasets)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    workdir_lib.mark_finished(workdir, config_dict, result, text)
+    _show(text)
+  return result
 
-  pre_dir = os.path.join(workdir, "pretrain")
-  pretrain.run(config, pre_dir, datasets)
-  with config.unlocked():
-    config.selmix.init_checkpoint = os.path.join(pre_dir, "checkpoints")
-  result = finetune.run(config, os.path.join(workdir, "selmix"), datasets)
+
+def _run(config, workdir, datasets) -> tuple[dict[str, Any], str]:
+  """Runs the stages of `config.mode`; returns the result and its results table (Markdown)."""
+  name = config.data.name
+  if config.mode == "pretrain":
+    result = pretrain.run(config, workdir, datasets)
+    table = reporting.metrics_table({"validation": result["val"], "test": result["test"]})
+    return result, f"# {name}: pre-training ({result['steps']} steps)\n\n{table}\n"
+  if config.mode == "pretrain_and_selmix":
+    pre_dir = os.path.join(workdir, "pretrain")
+    pretrain.run(config, pre_dir, datasets)
+    with config.unlocked():
+      config.selmix.init_checkpoint = os.path.join(pre_dir, "checkpoints")
+    workdir = os.path.join(workdir, "selmix")
+  result = finetune.run(config, workdir, datasets)
   table = reporting.metrics_table(
       {
           "pre-trained (test)": result["before"]["test"],
           f"SelMix {result['objective']} (test)": result["after"]["test"],
       }
   )
-  text = (
-      f"# {config.data.name}: pre-train -> SelMix ({result['objective']})\n\n"
-      f"Metrics ×100 on the test split ({result['steps']} fine-tuning steps).\n\n{table}\n"
-  )
+  title = f"# {name}: pre-train -> SelMix ({result['objective']})"
+  if config.mode == "selmix":
+    title = f"# {name}: SelMix ({result['objective']}) from {config.selmix.init_checkpoint}"
+  text = f"{title}\n\nMetrics ×100 on the test split ({result['steps']} fine-tuning steps).\n\n"
+  return result, text + table + "\n"
+
+
+def _show(text: str) -> None:
+  """The results table is the job's answer: process 0 prints it (even without logging to
+  stderr) and logs it."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-      f.write(text)
-  logging.info("Before/after:\n%s", table)
-  print(text, flush=True)  # The table is the job's answer: show it even without --alsologtostderr.
-  return result
+    logging.info("Results:\n%s", text)
+    print(text, flush=True)

@@ -106,9 +106,21 @@ def replicate(tree: T, *, axis_name: str = "batch", devices=None) -> T:
   )
 
 
+def local_replicas(x: jax.Array) -> np.ndarray:
+  """`[n_local, ...]` host copy of this process's slices of a `[n_devices, ...]` pmap output.
+
+  Reads only the shards on this process's devices: indexing a multi-process array (`x[0]`)
+  would be a collective that every process must join.
+  """
+  if not isinstance(x, jax.Array):
+    return np.asarray(x)
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  return np.concatenate([np.asarray(s.data) for s in shards])
+
+
 def unreplicate(tree: T) -> T:
-  """The first device's copy of a replicated tree (the replicas are identical)."""
-  return jax.tree.map(lambda x: x[0], tree)
+  """This process's first copy of a replicated tree (the replicas are identical), on the host."""
+  return jax.tree.map(lambda x: local_replicas(x)[0], tree)
 
 
 def to_checkpoint(tree: Any) -> dict[str, Any]:
@@ -131,14 +143,16 @@ def save(manager, step: int, trees: dict[str, Any]) -> None:
 
 
 def restore(manager, templates: dict[str, T]) -> tuple[dict[str, T], int | None]:
-  """The latest checkpoint of `manager` filled into host `templates`, and its step.
+  """The latest readable checkpoint of `manager` filled into host `templates`, and its step.
 
-  Returns the templates unchanged and None when the manager holds no finished checkpoint.
+  Returns the templates unchanged and None when the manager holds no finished checkpoint. See
+  `checkpointing.restore_latest` for damaged and mismatched checkpoints.
   """
-  step = manager.latest_step()
+  stored, step = checkpointing.restore_latest(
+      manager, {k: to_checkpoint(v) for k, v in templates.items()}
+  )
   if step is None:
     return templates, None
-  stored = checkpointing.restore(manager, {k: to_checkpoint(v) for k, v in templates.items()})
   return {k: from_checkpoint(v, stored[k]) for k, v in templates.items()}, step
 
 

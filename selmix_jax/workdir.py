@@ -1,0 +1,140 @@
+"""What a workdir knows about the runs in it: who holds it, and whether its run has finished.
+
+- `lock(workdir)`: one run per workdir. A second run on it fails at once, naming the PID and
+  host that hold it; a lock left by a dead process on this host (a killed run) is taken over with
+  a warning. In a multi-process run, process 0 holds the lock for all of them.
+- `finished(workdir, config)` / `mark_finished(...)`: a run that ended writes `run.json` (its
+  config, result and results table); the same command run again gets the stored result back
+  without compiling or evaluating anything, and another config on that workdir is refused with the
+  first differing field.
+"""
+
+import contextlib
+import json
+import os
+import socket
+import time
+from typing import Any
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from selmix_jax import reporting
+
+LOCK_FILE = ".lock"
+DONE_FILE = "run.json"
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another live run holds the workdir."""
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+  """Holds `<workdir>/.lock` for the duration of the block (process 0 for all processes)."""
+  path = os.path.join(workdir, LOCK_FILE)
+  error = _acquire(path, workdir) if jax.process_index() == 0 else None
+  if jax.process_count() > 1:
+    failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if failed and error is None:
+      error = f"Process 0 could not lock {workdir} (see its log)."
+  if error is not None:
+    raise WorkdirInUseError(error)
+  try:
+    yield
+  finally:
+    if jax.process_index() == 0:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _acquire(path: str, workdir: str) -> str | None:
+  """Creates the lock file; returns None on success, else the error message."""
+  me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+  for _ in range(3):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      holder = _read(path)
+      if holder is None:
+        continue  # Released (or half-written) meanwhile: try again.
+      if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+        stale = f"{path}.stale-{holder.get('pid')}"
+        try:
+          os.rename(path, stale)  # Atomic: of two runs taking over, one wins.
+        except FileNotFoundError:
+          continue
+        logging.warning(
+            "Workdir %s was locked by PID %s, which is no longer running (a killed run); "
+            "taking it over (the old lock is kept as %s).", workdir, holder.get("pid"), stale,
+        )
+        continue
+      started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+      return (
+          f"Workdir {workdir} is in use by PID {holder.get('pid')} on host {holder.get('host')} "
+          f"(since {started}). Wait for that run, or use another --workdir; if that process is "
+          f"gone, remove {path}."
+      )
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(me, f)
+    return None
+  return f"Could not lock workdir {workdir} ({path} keeps changing)."
+
+
+def _read(path: str) -> dict[str, Any] | None:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+def _alive(pid: int) -> bool:
+  if pid <= 0:
+    return False
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # It exists (another user's process).
+  return True
+
+
+def finished(workdir: str, config_dict: dict[str, Any]) -> dict[str, Any] | None:
+  """The stored `{'config', 'result', 'text'}` of a finished run of this config, else None.
+
+  Raises:
+    ValueError: the workdir holds a finished run of another config (names the first field
+      that differs).
+  """
+  stored = _read(os.path.join(workdir, DONE_FILE))
+  if stored is None:
+    return None
+  now = reporting.to_python(config_dict)
+  difference = _first_difference(stored.get("config"), now, "config")
+  if difference is not None:
+    field, there, here = difference
+    raise ValueError(
+        f"Workdir {workdir} holds a finished run of another config: {field} is {there!r} there "
+        f"and {here!r} here. Use another --workdir (or remove {workdir}/{DONE_FILE} to run in "
+        "this one again)."
+    )
+  return stored
+
+
+def mark_finished(workdir: str, config_dict: dict[str, Any], result: Any, text: str) -> None:
+  """Process 0 writes `run.json`: the run's config, result and results table."""
+  reporting.save_json(workdir, DONE_FILE, {"config": config_dict, "result": result, "text": text})
+
+
+def _first_difference(a: Any, b: Any, prefix: str):
+  if isinstance(a, dict) and isinstance(b, dict):
+    for key in sorted(set(a) | set(b)):
+      found = _first_difference(a.get(key), b.get(key), f"{prefix}.{key}")
+      if found is not None:
+        return found
+    return None
+  return None if a == b else (prefix, a, b)
