@@ -18,7 +18,17 @@ matrix at `label * K + pred`. On a 2-core CPU with N = 10**6 it takes ~0.6 ms (K
 100) to ~3 ms (K = 1000); a 2-D scatter `.at[labels, preds]` was 1.2-12x slower (it
 serialises on the few hot cells when K is small) and a one-hot matmul costs O(N K^2)
 (55 ms at K = 10, 330 ms at K = 100, and is inexact in float32 past 2**24).
+
+`num_classes` is static: it fixes the output shape. `confusion_matrix` is jitted with
+`num_classes` as a static argument, so a direct call compiles once per (input shape, K)
+and a call inside a user's `jit`/`pmap` just inlines. A user who jits it directly must
+mark `num_classes` static too (`jax.jit(confusion_matrix, static_argnames="num_classes")`,
+or bind it with `functools.partial`); a traced `num_classes` raises a `TypeError` that
+says so.
 """
+
+import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +43,24 @@ def _flat_valid(labels, mask, num_classes):
   return labels, valid
 
 
+def _static_num_classes(num_classes) -> int:
+  """`num_classes` as a Python int; a clear error if it is traced or not an integer."""
+  if isinstance(num_classes, jax.core.Tracer):
+    raise TypeError(
+      "num_classes must be a static Python int (it fixes the output shape [K, K]), but it "
+      "is a traced value. Under jax.jit mark it static, e.g. "
+      "jax.jit(confusion.confusion_matrix, static_argnames='num_classes'), or bind it with "
+      "functools.partial(..., num_classes=K); under jax.pmap use static_broadcasted_argnums."
+    )
+  try:
+    num_classes = operator.index(num_classes)
+  except TypeError:
+    raise TypeError(f"num_classes must be an int, got {num_classes!r}.") from None
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be positive, got {num_classes}.")
+  return num_classes
+
+
 def confusion_matrix(
   labels: jax.Array,
   preds: jax.Array,
@@ -42,18 +70,28 @@ def confusion_matrix(
 ) -> jax.Array:
   """Counts (true class, predicted class) pairs.
 
+  Jitted with `num_classes` static; see the module docstring for use under `jit`/`pmap`.
+
   Args:
     labels: `[...]` integer true classes.
     preds: `[...]` integer predicted classes, same shape as `labels`.
-    num_classes: K, a static Python int.
+    num_classes: K, a static Python int (not a traced value).
     mask: optional `[...]` boolean validity (`False` for padding rows, which are not
       counted). Examples whose label or prediction lies outside `[0, K)` are not counted.
 
   Returns:
     `[K, K]` int32 counts, rows = true class, columns = predicted class. Exact up to
     `2**31 - 1` examples per cell.
+
+  Raises:
+    TypeError: `num_classes` is traced (not marked static) or not an integer.
   """
-  num_classes = int(num_classes)
+  num_classes = _static_num_classes(num_classes)
+  return _confusion_matrix(labels, preds, num_classes, mask=mask)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes",))
+def _confusion_matrix(labels, preds, num_classes, *, mask):
   labels, valid = _flat_valid(labels, mask, num_classes)
   preds = jnp.asarray(preds).reshape(-1)
   if labels.shape != preds.shape:
@@ -99,3 +137,4 @@ def soft_confusion_matrix(
   rows = jnp.where(valid[:, None], probs, jnp.zeros_like(probs))
   segment = jnp.where(valid, labels, 0).astype(jnp.int32)
   return jax.ops.segment_sum(rows, segment, num_segments=num_classes)
+

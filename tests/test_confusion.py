@@ -1,5 +1,7 @@
 """Tests for selmix_jax.confusion: exact counts, masking, soft counts, psum across devices."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -57,6 +59,37 @@ def test_jit_does_not_retrace():
       count(labels, preds, mask),
       sk_metrics.confusion_matrix(labels[mask], preds[mask], labels=np.arange(4)),
     )
+
+
+def test_num_classes_is_static_under_jit_and_pmap():
+  rng = np.random.default_rng(4)
+  labels, preds = rng.integers(0, 5, (2, 4, 16))
+  want = sk_metrics.confusion_matrix(labels.ravel(), preds.ravel(), labels=np.arange(5))
+  # Direct call: jitted inside, num_classes static (a NumPy integer is fine).
+  np.testing.assert_array_equal(confusion.confusion_matrix(labels, preds, np.int64(5)), want)
+  # A user's jit marking num_classes static, by name or position.
+  by_name = jax.jit(confusion.confusion_matrix, static_argnames="num_classes")
+  np.testing.assert_array_equal(by_name(labels, preds, num_classes=5), want)
+  np.testing.assert_array_equal(by_name(labels, preds, 5), want)
+  # pmap with num_classes bound by functools.partial; psum gives the global matrix.
+  assert jax.local_device_count() == 4
+  p_count = jax.pmap(
+    lambda y, p: jax.lax.psum(confusion.confusion_matrix(y, p, num_classes=5), "d"),
+    axis_name="d",
+  )
+  np.testing.assert_array_equal(p_count(labels, preds)[3], want)
+  p_partial = jax.pmap(functools.partial(confusion.confusion_matrix, num_classes=5))
+  np.testing.assert_array_equal(p_partial(labels, preds).sum(0), want)
+
+
+def test_traced_num_classes_is_a_clear_error():
+  labels = preds = jnp.arange(4) % 3
+  with pytest.raises(TypeError, match=r"num_classes must be a static.*static_argnames"):
+    jax.jit(confusion.confusion_matrix)(labels, preds, 3)
+  with pytest.raises(TypeError, match="num_classes must be an int"):
+    confusion.confusion_matrix(labels, preds, 3.5)
+  with pytest.raises(ValueError, match="positive"):
+    confusion.confusion_matrix(labels, preds, 0)
 
 
 def test_exact_past_float32_limit():
@@ -135,3 +168,4 @@ def test_psum_across_four_devices_equals_single_device():
     np.testing.assert_array_equal(hard[d], expected_hard)
     np.testing.assert_allclose(soft[d], expected_soft, rtol=1e-5, atol=1e-6)
   assert int(expected_hard.sum()) == int(mask.sum())
+
