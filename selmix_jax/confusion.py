@@ -1,4 +1,4 @@
-"""Confusion matrices accumulated exactly from (padded) batches.
+"""Confusion matrices and per-class feature sums, accumulated exactly from (padded) batches.
 
 `confusion[i, j]` counts examples of true class `i` predicted as class `j` (rows = true
 class). Counts are accumulated as `int32`, so a single call, a sum of per-batch matrices
@@ -19,12 +19,16 @@ matrix at `label * K + pred`. On a 2-core CPU with N = 10**6 it takes ~0.6 ms (K
 serialises on the few hot cells when K is small) and a one-hot matmul costs O(N K^2)
 (55 ms at K = 10, 330 ms at K = 100, and is inexact in float32 past 2**24).
 
-`num_classes` is static: it fixes the output shape. `confusion_matrix` is jitted with
-`num_classes` as a static argument, so a direct call compiles once per (input shape, K)
-and a call inside a user's `jit`/`pmap` just inlines. A user who jits it directly must
-mark `num_classes` static too (`jax.jit(confusion_matrix, static_argnames="num_classes")`,
-or bind it with `functools.partial`); a traced `num_classes` raises a `TypeError` that
-says so.
+`num_classes` is static: it fixes the output shape. `confusion_matrix` and
+`class_feature_sums` are jitted with `num_classes` as a static argument, so a direct call
+compiles once per (input shape, K) and a call inside a user's `jit`/`pmap` just inlines. A
+user who jits them directly must mark `num_classes` static too
+(`jax.jit(confusion_matrix, static_argnames="num_classes")`, or bind it with
+`functools.partial`); a traced `num_classes` raises a `TypeError` that says so.
+
+Prototypes (SPEC §4): `class_feature_sums` returns per-class sums of features and
+per-class counts of one batch; like the confusion matrix they add across batches and
+`psum` across devices, and `prototypes(sums, counts)` divides once at the end.
 """
 
 import functools
@@ -138,3 +142,67 @@ def soft_confusion_matrix(
   segment = jnp.where(valid, labels, 0).astype(jnp.int32)
   return jax.ops.segment_sum(rows, segment, num_segments=num_classes)
 
+
+def class_feature_sums(
+  labels: jax.Array,
+  features: jax.Array,
+  num_classes: int,
+  *,
+  mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-class sums of features and per-class example counts (for prototypes).
+
+  Padding rows (`mask=False`) and labels outside `[0, K)` contribute nothing, whatever
+  their features hold (NaN included). Both outputs add across batches and can be
+  `jax.lax.psum`'d across devices: the counts exactly, the sums up to float32 rounding.
+  The sum is a one-hot matmul at `jax.lax.Precision.HIGHEST`, so on accelerators whose
+  default matmul precision rounds inputs to bfloat16 the features are not rounded.
+  Jitted with `num_classes` static, like `confusion_matrix`.
+
+  Args:
+    labels: `[...]` integer true classes.
+    features: `[..., D]` features, leading shape that of `labels`.
+    num_classes: K, a static Python int.
+    mask: optional `[...]` boolean validity.
+
+  Returns:
+    `(sums, counts)`: `[K, D]` float32 sums (float64 if `features` are) and `[K]` int32
+    counts of the valid examples of each class.
+
+  Raises:
+    TypeError: `num_classes` is traced (not marked static) or not an integer.
+  """
+  num_classes = _static_num_classes(num_classes)
+  return _class_feature_sums(labels, features, num_classes, mask=mask)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes",))
+def _class_feature_sums(labels, features, num_classes, *, mask):
+  labels, valid = _flat_valid(labels, mask, num_classes)
+  features = jnp.asarray(features)
+  features = features.reshape(-1, features.shape[-1])
+  if labels.shape[0] != features.shape[0]:
+    raise ValueError(f"{labels.shape[0]} labels but {features.shape[0]} feature rows.")
+  features = features.astype(jnp.promote_types(features.dtype, jnp.float32))
+  onehot = (labels[:, None] == jnp.arange(num_classes)) & valid[:, None]  # [N, K]
+  features = jnp.where(valid[:, None], features, jnp.zeros_like(features))  # 0 * NaN = NaN.
+  sums = jnp.einsum(
+    "nk,nd->kd", onehot.astype(features.dtype), features, precision=jax.lax.Precision.HIGHEST
+  )
+  return sums, onehot.sum(axis=0, dtype=jnp.int32)
+
+
+def prototypes(sums: jax.Array, counts: jax.Array) -> jax.Array:
+  """Per-class mean features `sums / counts`; zero for a class without examples.
+
+  Args:
+    sums: `[K, D]` per-class feature sums (`class_feature_sums`, summed over batches).
+    counts: `[K]` per-class example counts.
+
+  Returns:
+    `[K, D]` prototypes (float, dtype of `sums`); NaN-free in value and gradient.
+  """
+  sums = jnp.asarray(sums)
+  counts = jnp.asarray(counts)[:, None]
+  present = counts > 0
+  return jnp.where(present, sums / jnp.where(present, counts, 1).astype(sums.dtype), 0.0)
