@@ -65,6 +65,18 @@ def _static_num_classes(num_classes) -> int:
   return num_classes
 
 
+def _jit_static_num_classes(fn):
+  """Jits `fn(labels, x, num_classes, *, mask=None)` with `num_classes` checked and static."""
+  jitted = jax.jit(fn, static_argnames=("num_classes",))
+
+  @functools.wraps(fn)
+  def wrapper(labels, x, num_classes, *, mask=None):
+    return jitted(labels, x, _static_num_classes(num_classes), mask=mask)
+
+  return wrapper
+
+
+@_jit_static_num_classes
 def confusion_matrix(
   labels: jax.Array,
   preds: jax.Array,
@@ -90,12 +102,6 @@ def confusion_matrix(
   Raises:
     TypeError: `num_classes` is traced (not marked static) or not an integer.
   """
-  num_classes = _static_num_classes(num_classes)
-  return _confusion_matrix(labels, preds, num_classes, mask=mask)
-
-
-@functools.partial(jax.jit, static_argnames=("num_classes",))
-def _confusion_matrix(labels, preds, num_classes, *, mask):
   labels, valid = _flat_valid(labels, mask, num_classes)
   preds = jnp.asarray(preds).reshape(-1)
   if labels.shape != preds.shape:
@@ -143,6 +149,7 @@ def soft_confusion_matrix(
   return jax.ops.segment_sum(rows, segment, num_segments=num_classes)
 
 
+@_jit_static_num_classes
 def class_feature_sums(
   labels: jax.Array,
   features: jax.Array,
@@ -172,12 +179,6 @@ def class_feature_sums(
   Raises:
     TypeError: `num_classes` is traced (not marked static) or not an integer.
   """
-  num_classes = _static_num_classes(num_classes)
-  return _class_feature_sums(labels, features, num_classes, mask=mask)
-
-
-@functools.partial(jax.jit, static_argnames=("num_classes",))
-def _class_feature_sums(labels, features, num_classes, *, mask):
   labels, valid = _flat_valid(labels, mask, num_classes)
   features = jnp.asarray(features)
   features = features.reshape(-1, features.shape[-1])
