@@ -8,6 +8,11 @@ Usage::
   gain_weights = jax.grad(obj.value)(val_confusion, multipliers)     # M = d psi / d C
   obj.target(val_confusion)  # {'target': min recall}
 
+`value(confusion, multipliers=None)`: an objective without multipliers (`mean_recall`,
+G-/H-mean, a plain registered function; `obj.has_multipliers` is False) may be called
+without them, or with its `(0,)` array; one with multipliers raises a `ValueError` when
+they are missing (a silent default would optimise a different objective).
+
 `value` is the differentiable `psi` the gain module differentiates (multipliers held
 fixed); `target` is the reported metric, plus constraint status for constrained
 objectives: `constraint_satisfied` (bool, one per constraint), `all_constraints_satisfied`
@@ -71,18 +76,21 @@ class Objective:
 
   Attributes:
     name: registry name.
-    value: `(confusion [K, K], multipliers) -> scalar` differentiable psi.
+    value: `(confusion [K, K], multipliers=None) -> scalar` differentiable psi;
+      `multipliers` may be omitted (None) only when `has_multipliers` is False.
     target: `confusion [K, K] -> dict` with the reported `target` scalar (and
       constraint status for constrained objectives).
     init_multipliers: `num_classes -> array`, shape `(0,)` when there are none.
     update_multipliers: `(multipliers, confusion) -> array`, the refresh rule.
+    has_multipliers: whether `value` needs multipliers.
   """
 
   name: str
-  value: Callable[[Array, Array], Array]
+  value: Callable[..., Array]
   target: Callable[[Array], dict[str, Array]]
   init_multipliers: Callable[[int], Array]
   update_multipliers: Callable[[Array, Array], Array]
+  has_multipliers: bool = False
 
 
 _FACTORIES: dict[str, Callable[..., Objective]] = {}
@@ -154,10 +162,6 @@ def register(
 
   def factory(**hparams):
     fn = functools.partial(value_fn, **hparams)
-
-    def value(c, m):
-      return fn(_normalise(c), m) if has_multipliers else fn(_normalise(c))
-
     if has_multipliers:
       init, update = init_multipliers_fn, update_multipliers_fn
     else:
@@ -168,7 +172,9 @@ def register(
       out = report(_normalise(c))
       return dict(out) if isinstance(out, dict) else {"target": out}
 
-    return Objective(name, value, target, init, update)
+    psi = fn if has_multipliers else lambda c, m: fn(c)
+    value = _value(name, psi, has_multipliers)
+    return Objective(name, value, target, init, update, has_multipliers=has_multipliers)
 
   _FACTORIES[name] = factory
 
@@ -203,6 +209,21 @@ def _normalise(confusion: Array) -> Array:
   confusion = jnp.asarray(confusion)
   confusion = confusion.astype(jnp.result_type(confusion.dtype, jnp.float32))
   return metrics.safe_div(confusion, confusion.sum((-2, -1), keepdims=True), 0.0)
+
+
+def _value(name: str, psi: Callable[[Array, Array], Array], has_multipliers: bool):
+  """`value(confusion, multipliers=None)`: `psi(fractions, multipliers)`, None checked."""
+
+  def value(confusion, multipliers=None):
+    if multipliers is None and has_multipliers:
+      raise ValueError(
+        f"Objective {name!r} needs multipliers: pass "
+        "obj.update_multipliers(obj.init_multipliers(K), confusion) (or the trainer's "
+        "current ones) as value(confusion, multipliers)."
+      )
+    return psi(_normalise(confusion), multipliers)
+
+  return value
 
 
 def _no_multipliers(num_classes: int) -> Array:
@@ -248,12 +269,14 @@ def _head_tail_coverage_fn(head_mask):
 
 def _unconstrained(name, base_fn, init, update, value_fn=None):
   value_fn = value_fn or (lambda c, m: base_fn(c))
+  has_multipliers = init is not _no_multipliers
   return Objective(
     name=name,
-    value=lambda c, m: value_fn(_normalise(c), m),
+    value=_value(name, value_fn, has_multipliers),
     target=lambda c: {"target": base_fn(_normalise(c))},
     init_multipliers=init,
     update_multipliers=update,
+    has_multipliers=has_multipliers,
   )
 
 
@@ -382,8 +405,7 @@ def _constrained(
     new = _coverage_multipliers(cov, threshold=threshold(confusion), tau=tau, lmax=multiplier_max)
     return jnp.where(jnp.isnan(cov), multipliers, new)  # An empty matrix changes nothing.
 
-  def value(confusion, multipliers):
-    c = _normalise(confusion)
+  def psi(c, multipliers):
     gaps = coverage_fn(c) - threshold(c)
     total = psi_base_fn(c) + (multipliers * gaps).sum(-1)
     return total / (1.0 + multipliers.max(-1, initial=0.0))
@@ -399,7 +421,7 @@ def _constrained(
       "constraint_gap": gaps.min(-1),
     }
 
-  return Objective(name, value, target, init, update)
+  return Objective(name, _value(name, psi, True), target, init, update, has_multipliers=True)
 
 
 @_register_builtin("mean_recall_min_coverage")

@@ -1,7 +1,6 @@
 """Tests for `selmix_jax.gains`: finite differences, a K⁴ loop oracle, closed forms."""
 
 import functools
-import importlib.util
 
 import chex
 import jax
@@ -10,11 +9,7 @@ import numpy as np
 import pytest
 
 from selmix_jax import gains
-
-if importlib.util.find_spec("selmix_jax.objectives") is not None:
-  from selmix_jax import objectives  # noqa: E402
-else:  # pragma: no cover - only while objectives.py is being written.
-  objectives = None
+from selmix_jax import objectives
 
 
 # Local objectives (independent of `selmix_jax.objectives`). Priors are recomputed from C,
@@ -45,21 +40,11 @@ def _gmean(confusion, multipliers=None):
   return jnp.exp(jnp.mean(jnp.log(_recalls(confusion)), axis=-1))
 
 
-def _local_multipliers(name, num_classes, confusion):
-  if name != "min_recall":
-    return jnp.zeros((0,))
-  multipliers = jax.nn.softmax(-50.0 * _recalls(confusion))
-  return 0.5 * multipliers + 0.5 / num_classes
-
-
-_LOCAL = {"mean_recall": _mean_recall, "min_recall": _min_recall, "hmean": _hmean, "gmean": _gmean}
-OBJECTIVE_NAMES = objectives.names() if objectives is not None else sorted(_LOCAL)
+OBJECTIVE_NAMES = objectives.names()
 
 
 def _objective(name, num_classes, confusion):
   """Returns `(value_fn(confusion, multipliers), multipliers)` for `name`."""
-  if objectives is None:
-    return _LOCAL[name], _local_multipliers(name, num_classes, confusion)
   obj = objectives.get(name)
   multipliers = obj.init_multipliers(num_classes)
   multipliers = obj.update_multipliers(multipliers, confusion)
@@ -230,12 +215,11 @@ def test_gain_rate_equals_closed_form_mean_and_min_recall(x64):
   multipliers = np.array([0.3, 0.1, 0.25, 0.15, 0.2])
   sens_min = np.diag(multipliers / pri_np)
   cases = [(_mean_recall, None, sens_mean), (_min_recall, jnp.asarray(multipliers), sens_min)]
-  if objectives is not None:
-    mean_obj, min_obj = objectives.get("mean_recall"), objectives.get("min_recall")
-    cases += [
-      (mean_obj.value, mean_obj.init_multipliers(num_classes), sens_mean),
-      (min_obj.value, jnp.asarray(multipliers), sens_min),
-    ]
+  mean_obj, min_obj = objectives.get("mean_recall"), objectives.get("min_recall")
+  cases += [
+    (mean_obj.value, mean_obj.init_multipliers(num_classes), sens_mean),
+    (min_obj.value, jnp.asarray(multipliers), sens_min),
+  ]
   for value_fn, mult, sens in cases:
     got = gains.gain_rate(value_fn, confusion, mult)
     np.testing.assert_allclose(got, _closed_form_rate(sens, conf_np), rtol=1e-12, atol=1e-14)
@@ -336,6 +320,28 @@ def test_no_retracing_across_refreshes():
       probs, gains.pair_distribution(gain, temperature=0.1), rtol=1e-6, atol=1e-8
     )
   assert refresh._cache_size() == 1  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("name", ["mean_recall", "gmean", "hmean"])
+def test_objective_without_multipliers_needs_none(name):
+  confusion, prototypes, kernel, bias, _ = _refresh_inputs(seed=9)
+  obj = objectives.get(name)
+  got = gains.gain_matrix(confusion, prototypes, kernel, bias, value_fn=obj.value)
+  want = gains.gain_matrix(
+    confusion, prototypes, kernel, bias, obj.init_multipliers(6), value_fn=obj.value
+  )
+  assert np.abs(np.asarray(want)).max() > 0
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  gain, _ = gains.make_gain_fn(obj.value)(confusion, prototypes, kernel, bias)
+  np.testing.assert_allclose(gain, want, rtol=1e-6)
+
+
+def test_objective_with_multipliers_missing_is_an_error():
+  confusion, prototypes, kernel, bias, _ = _refresh_inputs(seed=9)
+  with pytest.raises(ValueError, match="'min_recall' needs multipliers"):
+    gains.gain_matrix(
+      confusion, prototypes, kernel, bias, value_fn=objectives.get("min_recall").value
+    )
 
 
 def test_invalid_form():

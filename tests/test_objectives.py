@@ -381,6 +381,44 @@ def test_registry_restored_after_tests():
   assert "acc" not in objectives.names() and "weighted_recall" not in objectives.names()
 
 
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_multipliers_are_optional_only_without_multipliers(name):
+  obj = objectives.get(name)
+  cm = random_confusion(19)
+  m = obj.init_multipliers(K)
+  assert obj.has_multipliers == (m.size > 0)
+  if obj.has_multipliers:
+    with pytest.raises(ValueError, match=f"Objective '{name}' needs multipliers"):
+      obj.value(cm)
+    with pytest.raises(ValueError, match="needs multipliers"):
+      jax.grad(obj.value)(jnp.asarray(cm, jnp.float32))
+  else:
+    np.testing.assert_allclose(obj.value(cm), np_value(name, cm, None), rtol=1e-5)
+    np.testing.assert_allclose(obj.value(cm), obj.value(cm, m), rtol=1e-7)
+    np.testing.assert_allclose(
+      jax.grad(obj.value)(jnp.asarray(cm, jnp.float32)),
+      jax.grad(obj.value)(jnp.asarray(cm, jnp.float32), m),
+      rtol=1e-7,
+    )
+
+
+def test_registered_objective_multipliers_are_optional_only_without_multipliers(registry):
+  del registry
+  objectives.register("plain", metrics.mean_recall)
+  objectives.register(
+    "with_m",
+    lambda c, m: (m * metrics.recalls(c, absent_value=0.0)).sum(),
+    target_fn=metrics.min_recall,
+    init_multipliers_fn=lambda k: jnp.ones((k,)) / k,
+    update_multipliers_fn=lambda m, c: m,
+  )
+  cm = random_confusion(20)
+  assert not objectives.get("plain").has_multipliers and objectives.get("with_m").has_multipliers
+  np.testing.assert_allclose(objectives.get("plain").value(cm), np_recalls(cm).mean(), rtol=1e-5)
+  with pytest.raises(ValueError, match="'with_m' needs multipliers"):
+    objectives.get("with_m").value(cm)
+
+
 def test_objective_is_frozen():
   obj = objectives.get("gmean")
   with pytest.raises(dataclasses.FrozenInstanceError):
