@@ -15,7 +15,8 @@ is renormalised; this is logged when the set of such classes changes, not every 
 
 Cost: `O(N)` setup (bincount + a stable argsort of the labels) and, per batch, `O(B)`
 given a prepared table (`prepare`), or `O(K²)` more if a raw `[K, K]` array is passed.
-Deterministic in `(seed, step)`: a resumed run draws the same batches.
+Deterministic in `(seed, step)`: a resumed run draws the same batches. Imports only
+numpy (and the standard `logging` module).
 
   sampler = sampling.PairSampler(labeled_labels, num_classes=K)           # supervised
   sampler = sampling.PairSampler(labeled_labels, pseudo_labels, num_classes=K)  # SSL
@@ -25,10 +26,14 @@ Deterministic in `(seed, step)`: a resumed run draws the same batches.
 
 import copy
 import dataclasses
+import logging
 from typing import Optional, Union
 
-from absl import logging
 import numpy as np
+
+# The standard library logger (absl's handler picks it up in an absl app), so the sampler
+# imports with numpy alone.
+_LOG = logging.getLogger(__name__)
 
 # Mixed into the RNG seed so these draws are independent of other [seed, step] streams.
 _STREAM = 0x5E1A1C
@@ -87,9 +92,9 @@ class PairTable:
 
 def _log_absent(pool: str, absent: tuple[int, ...]) -> None:
   if absent:
-    logging.info("PairSampler: %d classes have no %s examples and are never drawn on that "
-                 "side: %s%s", len(absent), pool, list(absent[:20]),
-                 " ..." if len(absent) > 20 else "")
+    _LOG.info("PairSampler: %d classes have no %s examples and are never drawn on that "
+              "side: %s%s", len(absent), pool, list(absent[:20]),
+              " ..." if len(absent) > 20 else "")
 
 
 def with_floor(pair_probs, floor: Optional[float] = None) -> np.ndarray:
@@ -187,7 +192,7 @@ class PairSampler:
     drop_key = (self._pool1.absent, self._pool2.absent)
     if dropped > 0 and drop_key != self._logged_drop:
       self._logged_drop = drop_key  # Log once per change of the absent classes.
-      logging.warning(
+      _LOG.warning(
           "PairSampler: %.3g of the pair mass (P with floor) involves classes without "
           "examples in their pool; it is set to 0 and the rest renormalised.", dropped)
     mixed = np.where(self._valid_pairs, mixed, 0.0)

@@ -1,6 +1,9 @@
 """Tests for `selmix_jax.sampling.PairSampler`."""
 
 import logging
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -160,3 +163,41 @@ def test_with_floor_mixes_normalised_p_with_uniform():
     sampling.with_floor(np.ones((2, 3)))
   with pytest.raises(ValueError, match="floor"):
     sampling.with_floor(p, 1.5)
+
+
+_CORE_PIPELINE = """
+import sys
+for name in ("absl", "flax", "tensorflow", "clu", "optax", "orbax", "chex"):
+  sys.modules[name] = None  # `import name` now raises ImportError.
+import numpy as np
+from selmix_jax import confusion, gains, metrics, objectives, sampling
+
+rng = np.random.default_rng(0)
+k = 4
+labels = rng.integers(0, k, 200)
+preds = np.where(rng.random(200) < 0.7, labels, rng.integers(0, k, 200))
+counts = confusion.confusion_matrix(labels, preds, k)
+summary = metrics.summary(counts)
+assert 0 < float(summary["mean_recall"]) < 1
+sums, class_counts = confusion.class_feature_sums(labels, rng.normal(size=(200, 3)), k)
+obj = objectives.get("min_recall")
+multipliers = obj.update_multipliers(obj.init_multipliers(k), counts)
+gain, pair_probs = gains.make_gain_fn(obj.value)(
+    counts, confusion.prototypes(sums, class_counts), rng.normal(size=(3, k)), np.zeros(k),
+    multipliers)
+assert np.isfinite(np.asarray(gain)).all()
+sampler = sampling.PairSampler(labels, num_classes=k)
+idx1, idx2, y1, y2 = sampler.sample(sampler.prepare(np.asarray(pair_probs)), 16, seed=0, step=0)
+assert (labels[idx1] == y1).all() and (labels[idx2] == y2).all()
+print("core pipeline ok")
+"""
+
+
+def test_core_pipeline_runs_with_training_stack_blocked():
+  """confusion -> summary -> gain -> P -> PairSampler with only jax and numpy importable."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run(
+    [sys.executable, "-c", _CORE_PIPELINE],
+    check=True, cwd=root, timeout=300, capture_output=True, text=True,
+  )  # fmt: skip
+  assert "core pipeline ok" in out.stdout
