@@ -35,7 +35,9 @@ Recalls follow the absent-class rule of `selmix_jax.metrics` (a class without
 validation examples is left out of recall aggregates, and gets multiplier 0 in
 `min_recall`; a head/tail group without present classes gets multiplier 0 and
 contributes 0 to psi). Coverage constraints apply to every class. An all-zero
-confusion matrix leaves the multipliers unchanged.
+confusion matrix leaves the multipliers unchanged. An *invalid* matrix (a negative, NaN
+or infinite entry; see `selmix_jax.metrics`) makes `value`, the updated multipliers and
+the `target` numbers NaN (constraint flags False), for every objective `get` returns.
 
 G-mean and H-mean are exactly 0, with zero gradient, while some present class has zero
 validation recall (the true gradient is infinite there), which would make every gain 0
@@ -185,8 +187,34 @@ def get(name: str, **hparams: Any) -> Objective:
   normalised = factory.normalise(**hparams)
   key = (name, *sorted((k, _hashable(name, k, v)) for k, v in normalised.items()))
   if key not in _CACHE:
-    _CACHE[key] = factory.build(**normalised)
+    _CACHE[key] = _with_validity_rule(factory.build(**normalised))
   return _CACHE[key]
+
+
+def _with_validity_rule(obj: Objective) -> Objective:
+  """`obj` under the invalid-matrix rule of `selmix_jax.metrics`.
+
+  A confusion matrix with a negative, NaN or infinite entry gives a NaN `value`, NaN
+  multipliers from `update_multipliers`, and a `target` of NaN numbers and False
+  constraint flags (never a plausible psi, which would yield plausible gains). The
+  functions see zeros instead of the invalid matrix, so gradients stay finite.
+  """
+
+  def value(confusion, multipliers=None):
+    confusion, valid = metrics.zero_if_invalid(confusion)
+    return metrics.mask_invalid(obj.value(confusion, multipliers), valid)
+
+  def target(confusion):
+    confusion, valid = metrics.zero_if_invalid(confusion)
+    return metrics.mask_invalid(obj.target(confusion), valid)
+
+  def update_multipliers(multipliers, confusion):
+    confusion, valid = metrics.zero_if_invalid(confusion)
+    return metrics.mask_invalid(obj.update_multipliers(multipliers, confusion), valid)
+
+  return dataclasses.replace(
+    obj, value=value, target=target, update_multipliers=update_multipliers
+  )
 
 
 def _hashable(name: str, key: str, value: Any) -> Any:

@@ -362,8 +362,40 @@ def test_gradients_finite_on_degenerate_confusions():
       assert np.isfinite(np.asarray(grad)).all(), name
 
 
+@jax.jit
+def _invalid_refresh_all(cm):
+  """`value`, its gradient, updated multipliers and target of every built-in objective."""
+  out = {}
+  for name in SPEC_NAMES:
+    obj = objectives.get(name)
+    m = jnp.asarray(np.random.default_rng(0).random(obj.init_multipliers(K).shape), jnp.float32)
+    out[name] = (obj.value(cm, m), jax.grad(obj.value)(cm, m), obj.update_multipliers(m, cm),
+                 obj.target(cm))  # fmt: skip
+  return out
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -2.0])
+def test_invalid_confusion_gives_nan_objectives(bad):
+  cm = random_confusion(23).astype(np.float32)
+  cm[3, 4] = bad
+  for name, (value, grad, multipliers, target) in _invalid_refresh_all(cm).items():
+    assert np.isnan(value), name
+    np.testing.assert_array_equal(grad, 0.0, err_msg=name)  # Finite: the matrix is masked.
+    assert np.isnan(multipliers).all(), name
+    assert np.isnan(target["target"]), name
+    if name in CONSTRAINED:
+      assert not np.asarray(target["constraint_satisfied"]).any(), name
+      assert not bool(target["all_constraints_satisfied"]) and np.isnan(target["constraint_gap"])
+  # The same compiled function on a valid matrix: finite everywhere.
+  valid = np.nan_to_num(cm, posinf=5.0).clip(0, 5)
+  for name, (value, grad, multipliers, target) in _invalid_refresh_all(valid).items():
+    assert np.isfinite(value) and np.isfinite(grad).all() and np.isfinite(multipliers).all(), name
+
+
 def test_check_grads_of_value():
-  cm = jnp.asarray(random_confusion(15), jnp.float32)
+  # Every entry >= 1: the finite differences (eps = 0.1) must stay in the valid domain,
+  # outside which (a negative entry) every objective is NaN.
+  cm = jnp.asarray(random_confusion(15) + 1, jnp.float32)
   names = ("mean_recall", "hmean_recall", "min_recall", "mean_recall_min_coverage")
   objs = [objectives.get(name, tau=0.1) for name in names]
   mults = [obj.update_multipliers(obj.init_multipliers(K), cm) for obj in objs]
