@@ -26,14 +26,21 @@ refresh with new values does not retrace):
   refresh = gains.make_gain_fn(obj.value, mix_weight=0.8, temperature=0.1)
   gain, pair_probs = refresh(confusion, prototypes, kernel, bias, multipliers)
 
-This module imports only jax and numpy.
+An invalid validation confusion matrix (a negative, NaN or infinite entry) gives all-NaN
+gains and an all-NaN pair distribution, never a plausible uniform one; check with
+`np.isfinite` (or `metrics.check_counts` on the matrix) on the host.
+
+This module imports only jax and numpy (and `selmix_jax.metrics`).
 """
 
 import functools
+import math
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+
+from selmix_jax import metrics
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Default block size bound: a block of rows holds at most this many [i, j, l] entries
@@ -85,9 +92,13 @@ def gain_rate(
 
   Returns:
     `[K, K]` float array `D`, in the float dtype of `confusion` (at least float32; the
-    default float for integer counts).
+    default float for integer counts). All NaN for an invalid confusion matrix (a
+    negative, NaN or infinite entry; `metrics.is_valid`), whatever `value_fn` does with
+    it: an objective that masks such a matrix has zero gradient there, which would
+    otherwise pass for "no pair helps".
   """
   confusion = _as_float(confusion)
+  valid = metrics.is_valid(confusion)
   priors = confusion.sum(axis=-1, keepdims=True)
   present = priors > 0
 
@@ -98,7 +109,8 @@ def gain_rate(
     scale = jnp.where(present, priors / jnp.where(present, norm, 1.0), 0.0)
     return _call(value_fn, weighted * scale, multipliers)
 
-  return jax.grad(objective_of_logit_shift)(jnp.zeros_like(confusion))
+  rate = jax.grad(objective_of_logit_shift)(jnp.zeros_like(confusion))
+  return jnp.where(valid, rate, jnp.nan)
 
 
 def _auto_chunk_size(num_classes: int) -> int:
@@ -198,69 +210,135 @@ def gain_matrix(
   return direct - softmax_term
 
 
-@jax.jit
-def pair_distribution(gain: jax.Array, *, temperature: float = 0.1) -> jax.Array:
+TEMPERATURE_SCALES = ("absolute", "max_gain")
+
+
+def _static_temperature(temperature, temperature_scale: str) -> float:
+  """`temperature` as a positive finite Python float; clear errors otherwise."""
+  if temperature_scale not in TEMPERATURE_SCALES:
+    raise ValueError(
+        f"temperature_scale must be one of {TEMPERATURE_SCALES}, got {temperature_scale!r}")
+  if isinstance(temperature, jax.core.Tracer):
+    raise TypeError(
+        "temperature must be a static Python float (it is checked to be positive), but it "
+        "is a traced value; pass a number, or mark it static in your jax.jit "
+        "(static_argnames='temperature').")
+  try:
+    value = float(temperature)
+  except TypeError:
+    raise TypeError(f"temperature must be a number, got {temperature!r}") from None
+  if not (value > 0 and math.isfinite(value)):
+    raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+  return value
+
+
+def pair_distribution(
+    gain: jax.Array,
+    *,
+    temperature: float = 0.1,
+    temperature_scale: str = "absolute",
+) -> jax.Array:
   """SelMix pair distribution `P_ij ∝ exp(G_ij / T) · 1[G_ij > 0]` (SPEC §4 step 5).
 
   A softmax over all `K²` pairs restricted to positive gains, shifted by the maximum for
-  stability; uniform over all pairs if no gain is positive (NaN gains count as not
-  positive). Jitted; `temperature` is traced.
+  stability; uniform over all pairs if no gain is positive. Jitted, with `temperature`
+  and `temperature_scale` static (Python values, checked here), so it can be called
+  inside a user's `jit` with a number from the config.
+
+  Temperature scales:
+    * `'absolute'` (SPEC): `P ∝ exp(G / T)`. How concentrated P is depends on the size of
+      the gains, which scales with the feature norm, the objective and K.
+    * `'max_gain'`: `T` is relative to the largest positive gain,
+      `P ∝ exp(G / (T · max⁺G))`: the best pair has `e^{1/T}` times the weight of a pair
+      with gain 0⁺, at any gain scale (`P(c · G) = P(G)` for `c > 0`).
+
+  Non-finite gains: if any gain is NaN or ±inf (e.g. from an invalid confusion matrix),
+  every entry of the result is NaN, so that a host-side check (`np.isfinite`) can stop
+  the run instead of mixing uniformly at random (as counting NaN as "not positive"
+  would).
 
   Args:
     gain: `[K, K]` gain matrix.
-    temperature: softmax temperature `T > 0`.
+    temperature: softmax temperature `T > 0` (a static Python number).
+    temperature_scale: `'absolute'` (default) or `'max_gain'`, see above.
 
   Returns:
-    `[K, K]` probabilities summing to 1.
+    `[K, K]` probabilities summing to 1, or all NaN if a gain is not finite.
+
+  Raises:
+    ValueError: `temperature` is not positive and finite, or an unknown
+      `temperature_scale`.
+    TypeError: `temperature` is a traced value.
   """
+  temperature = _static_temperature(temperature, temperature_scale)
+  return _pair_distribution(gain, temperature=temperature, temperature_scale=temperature_scale)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "temperature_scale"))
+def _pair_distribution(gain, *, temperature, temperature_scale):
   gain = _as_float(gain)
+  finite = jnp.all(jnp.isfinite(gain))
   positive = gain > 0
-  scaled = jnp.where(positive, gain / temperature, -jnp.inf)
-  top = jnp.max(scaled)
   any_positive = jnp.any(positive)
-  top = jnp.where(any_positive, top, 0.0)
-  weights = jnp.where(positive, jnp.exp(jnp.where(positive, scaled - top, 0.0)), 0.0)
+  top = jnp.where(any_positive, jnp.max(jnp.where(positive, gain, 0.0)), 1.0)  # max⁺G
+  scale = temperature * top if temperature_scale == "max_gain" else temperature
+  weights = jnp.where(positive, jnp.exp(jnp.where(positive, gain - top, 0.0) / scale), 0.0)
   total = jnp.sum(weights)
-  uniform = jnp.full_like(gain, 1.0 / gain.size)
-  return jnp.where(any_positive, weights / jnp.where(any_positive, total, 1.0), uniform)
+  probs = weights / jnp.where(any_positive, total, 1.0)
+  probs = jnp.where(any_positive, probs, jnp.full_like(gain, 1.0 / gain.size))
+  return jnp.where(finite, probs, jnp.nan)
 
 
+@functools.lru_cache(maxsize=None)
 def make_gain_fn(
     value_fn: Callable[..., jax.Array],
     *,
     mix_weight: float = 0.8,
     temperature: float = 0.1,
+    temperature_scale: str = "absolute",
     form: str = "exact",
     train_bias: bool = False,
     chunk_size: Optional[int] = None,
 ) -> Callable[..., tuple[jax.Array, jax.Array]]:
   """Returns a jitted `fn(confusion, prototypes, kernel, bias, multipliers=None)`.
 
-  `fn` returns `(gain, pair_probs)`, both `[K, K]`. Build it once per run: it traces
-  once per input shape/dtype and not again when the values change between refreshes.
-  `mix_weight` and `temperature` are baked in as constants.
+  `fn` returns `(gain, pair_probs)`, both `[K, K]`. It traces once per input
+  shape/dtype and not again when the values change between refreshes. `mix_weight` and
+  `temperature` are baked in as constants. Cached: equal arguments (the same `value_fn`
+  object, e.g. `objectives.get(name).value`, which `get` caches) return the same
+  function, so a loop that calls `make_gain_fn` at every refresh compiles once.
 
   Args:
     value_fn: objective `ψ(confusion[, multipliers])`, e.g. `objectives.get(name).value`.
     mix_weight: `λ̄ = (λ_min + 1) / 2`.
-    temperature: temperature of `pair_distribution`.
+    temperature: temperature of `pair_distribution` (positive).
+    temperature_scale: see `pair_distribution`.
     form: see `gain_matrix`.
     train_bias: see `gain_matrix`.
     chunk_size: see `gain_matrix`.
 
   Returns:
     The jitted refresh function.
+
+  Raises:
+    ValueError: an unknown `form` or `temperature_scale`, or a non-positive temperature.
   """
   if form not in FORMS:
     raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+  temperature = _static_temperature(temperature, temperature_scale)
 
   def refresh(confusion, prototypes, kernel, bias, multipliers=None):
     gain = gain_matrix(
         confusion, prototypes, kernel, bias, multipliers, value_fn=value_fn,
         mix_weight=mix_weight, form=form, train_bias=train_bias, chunk_size=chunk_size)
-    return gain, pair_distribution(gain, temperature=temperature)
+    probs = pair_distribution(
+        gain, temperature=temperature, temperature_scale=temperature_scale)
+    return gain, probs
 
   return jax.jit(refresh)
 
 
-__all__ = ["FORMS", "gain_rate", "gain_matrix", "pair_distribution", "make_gain_fn"]
+__all__ = [
+    "FORMS", "TEMPERATURE_SCALES", "gain_rate", "gain_matrix", "pair_distribution",
+    "make_gain_fn",
+]

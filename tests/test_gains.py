@@ -374,5 +374,82 @@ def test_pair_distribution_temperature_and_stability():
   big = gains.pair_distribution(1e6 * gain, temperature=0.1)
   assert np.all(np.isfinite(big)) and abs(float(big.sum()) - 1.0) < 1e-6
   np.testing.assert_array_equal(np.asarray(big)[~positive], 0.0)
-  jitted = jax.jit(gains.pair_distribution)(gain, temperature=0.5)
+  jitted = jax.jit(gains.pair_distribution, static_argnames="temperature")(gain, temperature=0.5)
   np.testing.assert_allclose(jitted, gains.pair_distribution(gain, temperature=0.5), rtol=1e-6)
+  inside = jax.jit(lambda g: gains.pair_distribution(2.0 * g, temperature=0.5))(gain)
+  np.testing.assert_allclose(inside, gains.pair_distribution(2 * gain, temperature=0.5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.1, float("nan"), float("inf")])
+def test_pair_distribution_rejects_a_non_positive_temperature(temperature):
+  gain = jnp.ones((2, 2))
+  with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+    gains.pair_distribution(gain, temperature=temperature)
+  with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+    gains.make_gain_fn(_mean_recall, temperature=temperature)
+
+
+def test_pair_distribution_argument_errors():
+  gain = jnp.ones((2, 2))
+  with pytest.raises(TypeError, match="temperature must be a static Python float"):
+    jax.jit(gains.pair_distribution)(gain, temperature=0.1)
+  with pytest.raises(ValueError, match="temperature_scale must be one of"):
+    gains.pair_distribution(gain, temperature_scale="relative")
+  with pytest.raises(ValueError, match="temperature_scale must be one of"):
+    gains.make_gain_fn(_mean_recall, temperature_scale="relative")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_pair_distribution_of_non_finite_gains_is_all_nan(bad):
+  gain = np.asarray([[0.2, -0.1], [0.0, 0.1]], np.float32)
+  gain[1, 0] = bad  # Counted as "not positive", NaN used to leave a plausible P.
+  for scale in gains.TEMPERATURE_SCALES:
+    probs = gains.pair_distribution(gain, temperature=0.1, temperature_scale=scale)
+    assert np.isnan(probs).all(), scale
+
+
+def test_invalid_confusion_gives_nan_gains_and_pair_probs():
+  confusion, prototypes, kernel, bias, _ = _refresh_inputs(seed=10)
+  confusion = confusion.at[2, 3].set(-0.01)
+  gain, probs = gains.make_gain_fn(objectives.get("mean_recall").value)(
+    confusion, prototypes, kernel, bias
+  )
+  assert np.isnan(gain).all() and np.isnan(probs).all()
+
+
+def test_pair_distribution_max_gain_scale():
+  gain = jnp.asarray([[0.2, -0.1], [0.0, 0.1]])
+  # T = 0.5 relative to max⁺G = 0.2 is T = 0.1 absolute: P ∝ exp([2, 1]) on the positives.
+  probs = gains.pair_distribution(gain, temperature=0.5, temperature_scale="max_gain")
+  e = np.exp([2.0, 1.0])
+  np.testing.assert_allclose(probs, [[e[0] / e.sum(), 0.0], [0.0, e[1] / e.sum()]], rtol=1e-6)
+  # The same relative T concentrates P the same way at any gain scale; absolute T does not.
+  random_gain = jnp.asarray(np.random.default_rng(11).normal(size=(6, 6)), jnp.float32)
+  want = gains.pair_distribution(random_gain, temperature=0.2, temperature_scale="max_gain")
+  for factor in (1e-4, 1e4):
+    got = gains.pair_distribution(
+      factor * random_gain, temperature=0.2, temperature_scale="max_gain"
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-8)
+    absolute = gains.pair_distribution(factor * random_gain, temperature=0.2)
+    assert np.abs(np.asarray(absolute) - np.asarray(want)).max() > 0.05
+  # No positive gain: uniform, as with the absolute scale.
+  uniform = gains.pair_distribution(-jnp.ones((3, 3)), temperature_scale="max_gain")
+  np.testing.assert_allclose(uniform, np.full((3, 3), 1 / 9), rtol=1e-6)
+
+
+def test_make_gain_fn_plumbs_the_temperature_scale_and_is_cached():
+  inputs = _refresh_inputs(seed=12)
+  value_fn = objectives.get("min_recall").value
+  refresh = gains.make_gain_fn(value_fn, temperature=0.3, temperature_scale="max_gain")
+  gain, probs = refresh(*inputs)
+  want = gains.pair_distribution(gain, temperature=0.3, temperature_scale="max_gain")
+  np.testing.assert_allclose(probs, want, rtol=1e-6, atol=1e-9)
+  assert not np.allclose(probs, gains.pair_distribution(gain, temperature=0.3), atol=1e-3)
+  # Equal arguments give the same jitted function: no recompilation in a refresh loop.
+  again = gains.make_gain_fn(
+    objectives.get("min_recall").value, temperature=0.3, temperature_scale="max_gain"
+  )
+  assert again is refresh
+  again(*_refresh_inputs(seed=13))
+  assert refresh._cache_size() == 1  # pylint: disable=protected-access
