@@ -22,6 +22,9 @@ numpy (and the standard `logging` module).
   sampler = sampling.PairSampler(labeled_labels, pseudo_labels, num_classes=K)  # SSL
   table = sampler.prepare(pair_probs)                         # once per refresh
   idx1, idx2, y1, y2 = sampler.sample(table, 64, seed=0, step=step)
+
+`concentration(pair_probs)` summarises how peaked P is (effective number of pairs,
+support, top-1/top-10 mass, whether it is essentially uniform) for the refresh log.
 """
 
 import copy
@@ -119,6 +122,46 @@ def with_floor(pair_probs, floor: Optional[float] = None) -> np.ndarray:
   else:
     probs = probs / total
   return (1.0 - floor) * probs + floor / (k * k)
+
+
+def concentration(
+    pair_probs, *, top: tuple[int, ...] = (1, 10), tolerance: float = 0.05
+) -> dict[str, Union[float, int, bool]]:
+  """How concentrated a pair distribution is: statistics to log at each refresh.
+
+  Args:
+    pair_probs: `[K, K]` (or any shape) non-negative probabilities; normalised here.
+    top: the `k` of the `top{k}_mass` entries.
+    tolerance: `near_uniform` holds when `effective_pairs >= (1 - tolerance) * support`.
+
+  Returns:
+    A dict with
+      * `effective_pairs`: `exp(entropy)` (natural log), the number of equally likely
+        pairs with the same entropy: 1 when all mass is on one pair, `support` when P is
+        uniform over its support;
+      * `support`: number of pairs with `P > 0`;
+      * `top{k}_mass` for each `k` in `top`: total probability of the `k` likeliest pairs;
+      * `near_uniform`: P is essentially uniform over its support (see `tolerance`).
+
+  Raises:
+    ValueError: a negative or non-finite entry (e.g. the all-NaN P of a non-finite gain),
+      or no mass at all.
+  """
+  probs = np.asarray(pair_probs, dtype=np.float64).reshape(-1)
+  if not np.all(np.isfinite(probs)) or np.any(probs < 0):
+    raise ValueError("pair_probs must be finite and non-negative")
+  total = probs.sum()
+  if total <= 0:
+    raise ValueError("pair_probs has no mass")
+  probs = probs / total
+  positive = probs[probs > 0]
+  effective = float(np.exp(-np.sum(positive * np.log(positive))))
+  out = {"effective_pairs": effective, "support": int(positive.size)}
+  for k in top:
+    num = min(int(k), probs.size)  # Fewer pairs than k: all of them.
+    out[f"top{k}_mass"] = float(np.partition(probs, probs.size - num)[-num:].sum())
+  out["near_uniform"] = bool(effective >= (1.0 - tolerance) * positive.size)
+  return out
 
 
 class PairSampler:

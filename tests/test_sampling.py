@@ -201,3 +201,42 @@ def test_core_pipeline_runs_with_training_stack_blocked():
     check=True, cwd=root, timeout=300, capture_output=True, text=True,
   )  # fmt: skip
   assert "core pipeline ok" in out.stdout
+
+
+def test_concentration_on_hand_checked_matrices():
+  uniform = sampling.concentration(np.full((3, 3), 1 / 9))
+  assert uniform == pytest.approx(
+    {"effective_pairs": 9.0, "support": 9, "top1_mass": 1 / 9, "top10_mass": 1.0,
+     "near_uniform": True}  # fmt: skip
+  )
+  # Uniform over half the pairs, unnormalised: uniform over its support.
+  half = sampling.concentration(np.array([[2.0, 2.0], [0.0, 0.0]]))
+  assert half["effective_pairs"] == pytest.approx(2.0) and half["support"] == 2
+  assert half["top1_mass"] == pytest.approx(0.5) and half["near_uniform"]
+  # Peaked: H = -(0.97 ln 0.97 + 3 * 0.01 ln 0.01) = 0.16770.
+  peaked = sampling.concentration(np.array([[0.97, 0.01], [0.01, 0.01]]), top=(1, 2))
+  assert peaked["effective_pairs"] == pytest.approx(np.exp(0.16770), rel=1e-4)
+  assert peaked["top1_mass"] == pytest.approx(0.97) and peaked["top2_mass"] == pytest.approx(0.98)
+  assert peaked["support"] == 4 and not peaked["near_uniform"]
+  one = sampling.concentration(np.eye(1))
+  assert one["effective_pairs"] == 1.0 and one["support"] == 1 and one["near_uniform"]
+
+
+def test_concentration_near_uniform_threshold():
+  # Two pairs (a, 1 - a): a = 0.6 gives exp(H) = 1.960 >= 0.95 * 2; a = 0.7 gives 1.842.
+  assert sampling.concentration(np.array([0.6, 0.4]))["near_uniform"]
+  assert not sampling.concentration(np.array([0.7, 0.3]))["near_uniform"]
+  assert sampling.concentration(np.array([0.7, 0.3]), tolerance=0.1)["near_uniform"]
+  # A SelMix P at a high temperature is near uniform, at a low one it is not.
+  gain = np.random.default_rng(0).normal(size=(10, 10))
+  for temperature, expected in ((100.0, True), (0.1, False)):
+    weights = np.where(gain > 0, np.exp(gain / temperature), 0.0)
+    stats = sampling.concentration(weights)
+    assert stats["support"] == int((gain > 0).sum())
+    assert stats["near_uniform"] == expected
+
+
+def test_concentration_rejects_invalid_probabilities():
+  for bad in (np.full((2, 2), np.nan), np.array([[0.5, -0.1], [0.3, 0.3]]), np.zeros((2, 2))):
+    with pytest.raises(ValueError, match="pair_probs"):
+      sampling.concentration(bad)
