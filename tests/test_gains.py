@@ -1,6 +1,7 @@
 """Tests for `selmix_jax.gains`: finite differences, a K⁴ loop oracle, closed forms."""
 
 import functools
+import itertools
 
 import chex
 import jax
@@ -93,34 +94,37 @@ def test_gain_matches_finite_difference_of_sgd_step(x64, name):
     new_confusion = _soft_confusion(prototypes, new_kernel, new_bias, priors)
     return (value_fn(new_confusion, multipliers) - value_fn(confusion, multipliers)) / lr
 
-  @jax.jit  # One compilation per objective for both bias settings and both forms.
+  @jax.jit  # One compilation per objective for both bias settings, forms and algorithms.
   def predicted_and_measured():
     idx = jnp.arange(num_classes)
     out = {}
     for train_bias in (False, True):
       measure = functools.partial(measured_change, train_bias=train_bias)
-      out[train_bias] = [jax.vmap(jax.vmap(measure, (None, 0)), (0, None))(idx, idx)] + [
-        gains.gain_matrix(
-          confusion,
-          prototypes,
-          kernel,
-          bias,
-          multipliers,
-          value_fn=value_fn,
-          mix_weight=mix_weight,
-          form=form,
-          train_bias=train_bias,
-          chunk_size=2,
-        )
-        for form in ("exact", "reference")
-      ]
+      measured = jax.vmap(jax.vmap(measure, (None, 0)), (0, None))(idx, idx)
+      for algorithm in gains.ALGORITHMS:
+        out[train_bias, algorithm] = [measured] + [
+          gains.gain_matrix(
+            confusion,
+            prototypes,
+            kernel,
+            bias,
+            multipliers,
+            value_fn=value_fn,
+            mix_weight=mix_weight,
+            form=form,
+            train_bias=train_bias,
+            chunk_size=2,
+            algorithm=algorithm,
+          )
+          for form in ("exact", "reference")
+        ]
     return out
 
-  for train_bias, (measured, exact, reference) in predicted_and_measured().items():
+  for (train_bias, algorithm), (measured, exact, reference) in predicted_and_measured().items():
     scale = float(jnp.max(jnp.abs(measured)))
     assert scale > 1e-6, "degenerate test problem"
     np.testing.assert_allclose(
-      exact, measured, rtol=1e-3, atol=1e-3 * scale, err_msg=f"train_bias={train_bias}"
+      exact, measured, rtol=1e-3, atol=1e-3 * scale, err_msg=f"{train_bias=} {algorithm=}"
     )
     # The check has teeth: the reference form misses (1-λ̄) <z_j - z_i, z_q> D_qi.
     assert float(jnp.max(jnp.abs(reference - measured))) > 1e-2 * scale
@@ -168,7 +172,9 @@ def test_gain_matches_loop_oracle_both_forms(x64, train_bias):
   want_exact, want_ref = _loop_gain(
     _min_recall, multipliers, confusion, prototypes, kernel, bias, mix_weight, train_bias
   )
-  for form, want in (("exact", want_exact), ("reference", want_ref)):
+  for (form, want), algorithm in itertools.product(
+    (("exact", want_exact), ("reference", want_ref)), gains.ALGORITHMS
+  ):
     got = gains.gain_matrix(
       confusion,
       prototypes,
@@ -179,8 +185,9 @@ def test_gain_matches_loop_oracle_both_forms(x64, train_bias):
       mix_weight=mix_weight,
       form=form,
       train_bias=train_bias,
+      algorithm=algorithm,
     )
-    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=algorithm)
   # The two forms differ by (1-λ̄) Σ_q <z_j - z_i, z_q> D_qi.
   assert np.abs(want_exact - want_ref).max() > 1e-6
 
@@ -265,15 +272,18 @@ def test_chunked_matches_unchunked(form):
   confusion = _soft_confusion(prototypes, kernel, bias, priors)
   chunk_sizes = (num_classes, 1, 3, 4, 100, None)
 
-  @jax.jit  # One compilation for all chunk sizes.
+  @jax.jit  # One compilation for all chunk sizes; the factorised gain is compared too.
   def run_all(*args):
     return [
-      gains.gain_matrix(*args, value_fn=_gmean, form=form, train_bias=True, chunk_size=chunk_size)
+      gains.gain_matrix(
+        *args, value_fn=_gmean, form=form, train_bias=True, chunk_size=chunk_size,
+        algorithm="softmax",
+      )
       for chunk_size in chunk_sizes
-    ]
+    ] + [gains.gain_matrix(*args, value_fn=_gmean, form=form, train_bias=True)]
 
   want, *others = run_all(confusion, prototypes, kernel, bias)
-  for chunk_size, got in zip(chunk_sizes[1:], others):
+  for chunk_size, got in zip(chunk_sizes[1:] + ("factorised",), others, strict=True):
     np.testing.assert_allclose(
       got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(), err_msg=f"chunk_size={chunk_size}"
     )
@@ -344,9 +354,76 @@ def test_objective_with_multipliers_missing_is_an_error():
     )
 
 
-def test_invalid_form():
-  with pytest.raises(ValueError):
-    gains.gain_matrix(jnp.eye(2), jnp.eye(2), jnp.eye(2), None, value_fn=_mean_recall, form="paper")
+def test_invalid_form_and_algorithm():
+  args = (jnp.eye(2),) * 3 + (None,)
+  with pytest.raises(ValueError, match="form must be one of"):
+    gains.gain_matrix(*args, value_fn=_mean_recall, form="paper")
+  with pytest.raises(ValueError, match="algorithm must be one of"):
+    gains.gain_matrix(*args, value_fn=_mean_recall, algorithm="fast")
+  with pytest.raises(ValueError, match="algorithm must be one of"):
+    gains.make_gain_fn(_mean_recall, algorithm="fast")
+
+
+def _spread_problem(num_classes=6, spread=(0, 1, 4), scale=1000.0):
+  """Prototype logits `A = diag(s) + bias` with `s = scale` for the `spread` classes, 1 else.
+
+  Mixed-logit exponents of a pair of spread classes are <= -(1-λ̄) scale = -200 for every
+  l, so float32 `E1 E2ᵀ` underflows to 0 on those pairs; rows of other classes keep
+  denominators far above the fallback threshold.
+  """
+  rng = np.random.default_rng(14)
+  prototypes = np.eye(num_classes) + 0.01 * rng.normal(size=(num_classes, num_classes))
+  kernel = np.diag(np.where(np.isin(np.arange(num_classes), spread), scale, 1.0))
+  bias = 0.1 * rng.normal(size=num_classes)
+  logits = (prototypes @ kernel + bias).astype(np.float32)
+  probs = np.exp(logits - logits.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  confusion = (0.7 * np.eye(num_classes) + 0.3 * probs) / num_classes  # Every class right 70%+.
+  return [jnp.asarray(x, jnp.float32) for x in (confusion, prototypes, kernel, bias)], logits
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 2, 4])
+def test_factorised_falls_back_to_softmax_where_float32_underflows(chunk_size):
+  (confusion, prototypes, kernel, bias), logits = _spread_problem()
+  # The test has teeth: without the fallback, these pairs would divide 0 by 0.
+  shifted = logits - logits.max(1, keepdims=True)
+  den = np.exp(0.8 * shifted) @ np.exp(0.2 * shifted).T
+  spread = np.isin(np.arange(6), (0, 1, 4))
+  assert (den[np.ix_(spread, spread)][~np.eye(3, dtype=bool)] == 0).all()
+  assert (den[~spread] > 1e-18).all()  # Above sqrt(tiny): these rows keep the products.
+  kwargs = {"value_fn": objectives.get("hmean_recall").value, "chunk_size": chunk_size}
+  multipliers = None
+  got = gains.gain_matrix(confusion, prototypes, kernel, bias, multipliers, **kwargs)
+  want = gains.gain_matrix(
+    confusion, prototypes, kernel, bias, multipliers, **kwargs, algorithm="softmax"
+  )
+  assert np.isfinite(got).all() and np.abs(np.asarray(want)).max() > 0
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+  # The same in float64 against the K⁴ loop oracle (min recall, fixed multipliers).
+  with jax.enable_x64(True):
+    args64 = [jnp.asarray(x, jnp.float64) for x in (confusion, prototypes, kernel, bias)]
+    mult = jnp.full((6,), 1 / 6, jnp.float64)
+    want64, _ = _loop_gain(_min_recall, mult, *args64, 0.8, False)
+  got32 = gains.gain_matrix(
+    confusion, prototypes, kernel, bias, jnp.full((6,), 1 / 6), value_fn=_min_recall,
+    chunk_size=chunk_size,
+  )  # fmt: skip
+  np.testing.assert_allclose(got32, want64, rtol=1e-3, atol=1e-4 * np.abs(want64).max())
+
+
+def test_factorised_matches_softmax_at_k_300():
+  confusion, prototypes, kernel, bias, multipliers = _refresh_inputs(seed=15, num_classes=300)
+  kernel = 3.0 * kernel  # Logit ranges of ~50: no fallback, the products alone.
+  value_fn = objectives.get("min_recall").value
+  multipliers = objectives.get("min_recall").update_multipliers(multipliers, confusion)
+  got, want = (
+    gains.gain_matrix(
+      confusion, prototypes, kernel, bias, multipliers, value_fn=value_fn, algorithm=algorithm
+    )
+    for algorithm in gains.ALGORITHMS
+  )
+  scale = np.abs(np.asarray(want)).max()
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_pair_distribution_masks_non_positive_gains():
