@@ -152,11 +152,12 @@ def gain_matrix(
   """Gain `G_ij` of one SGD step of the head on an `(i, j)` prototype mixup (SPEC §4).
 
   Pure and jitted; `value_fn`, `form`, `train_bias`, `chunk_size` and `algorithm` are
-  static arguments (so `value_fn` must be hashable; functions are), everything else is traced,
-  including `mix_weight`. Keep `value_fn` the same object across refreshes (e.g. one
-  `objectives.get(name).value`) and pass changing multipliers as `multipliers`: a closure
-  over new multiplier values is a new function and forces a retrace. It can also be
-  bound with `functools.partial` and wrapped in the caller's own `jax.jit`/`pmap`.
+  static arguments (so `value_fn` must be hashable; functions are), everything else is
+  traced, including `mix_weight`. Keep `value_fn` the same object across refreshes (e.g.
+  `objectives.get(name).value`, which `get` caches) and pass changing multipliers as
+  `multipliers`: a closure over new multiplier values is a new function and forces a
+  retrace. It can also be bound with `functools.partial` and wrapped in the caller's own
+  `jax.jit`/`pmap`.
 
   Args:
     confusion: `[K, K]` validation confusion (rows = true class), counts or fractions.
