@@ -36,7 +36,7 @@ same type (one compilation, and equal types in a `Collection`).
 """
 
 import functools
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import clu.metrics
 import flax
@@ -61,8 +61,8 @@ class ConfusionMatrix(clu.metrics.Metric):
 
   counts: jax.Array
 
-  num_classes: ClassVar[Optional[int]] = None
-  head_mask: ClassVar[Optional[tuple[bool, ...]]] = None
+  num_classes: ClassVar[int | None] = None
+  head_mask: ClassVar[tuple[bool, ...] | None] = None
 
   @classmethod
   def with_num_classes(cls, num_classes: int, *, head_mask=None) -> type["ConfusionMatrix"]:
@@ -97,7 +97,7 @@ class ConfusionMatrix(clu.metrics.Metric):
 
   @classmethod
   def from_model_output(
-    cls, *, logits: jax.Array, labels: jax.Array, mask: Optional[jax.Array] = None, **_: Any
+    cls, *, logits: jax.Array, labels: jax.Array, mask: jax.Array | None = None, **_: Any
   ) -> "ConfusionMatrix":
     """Counts of one batch.
 
@@ -138,7 +138,7 @@ class ConfusionMatrix(clu.metrics.Metric):
 
 
 @functools.cache
-def _metric_class(num_classes: int, head_mask: Optional[tuple[bool, ...]]) -> type:
+def _metric_class(num_classes: int, head_mask: tuple[bool, ...] | None) -> type:
   name = f"ConfusionMatrix{num_classes}"
   attrs = {"num_classes": num_classes, "head_mask": head_mask, "__module__": __name__}
   return flax.struct.dataclass(type(name, (ConfusionMatrix,), attrs))

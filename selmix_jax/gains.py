@@ -353,7 +353,7 @@ def _pair_distribution(gain, *, temperature, temperature_scale):
   return jnp.where(finite, probs, jnp.nan)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_gain_fn(
     value_fn: Callable[..., jax.Array],
     *,

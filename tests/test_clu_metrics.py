@@ -119,9 +119,7 @@ def test_under_jit_scan_and_single_device_collection():
     state, _ = jax.lax.scan(step, ConfusionK.empty(), (xs, ys, masks))
     return state, state.compute()
 
-  state, summary = evaluate(
-    params, x.reshape(3, 20, -1), y.reshape(3, 20), mask.reshape(3, 20)
-  )
+  state, summary = evaluate(params, x.reshape(3, 20, -1), y.reshape(3, 20), mask.reshape(3, 20))
   preds = np.asarray(model.apply(params, x)).argmax(-1)
   want = sk_metrics.confusion_matrix(y[mask], preds[mask], labels=np.arange(K))
   np.testing.assert_array_equal(state.counts, want)

@@ -205,10 +205,8 @@ def test_core_pipeline_runs_with_training_stack_blocked():
 
 def test_concentration_on_hand_checked_matrices():
   uniform = sampling.concentration(np.full((3, 3), 1 / 9))
-  assert uniform == pytest.approx(
-    {"effective_pairs": 9.0, "support": 9, "top1_mass": 1 / 9, "top10_mass": 1.0,
-     "near_uniform": True}  # fmt: skip
-  )
+  want = {"effective_pairs": 9.0, "support": 9, "top1_mass": 1 / 9, "top10_mass": 1.0}
+  assert uniform == pytest.approx({**want, "near_uniform": True})
   # Uniform over half the pairs, unnormalised: uniform over its support.
   half = sampling.concentration(np.array([[2.0, 2.0], [0.0, 0.0]]))
   assert half["effective_pairs"] == pytest.approx(2.0) and half["support"] == 2
