@@ -6,14 +6,16 @@ r"""Benchmark of the gain matrix, the pair distribution and the pair sampler.
 (from a checkout without `pip install -e .`, prefix `PYTHONPATH=.`)
 
 For each K (d = 128; also d = 2048 at K = 1000) it times, jitted and warm (median of
-repeats), `gains.make_gain_fn(...)` = `gain_matrix` (exact form, `hmean` objective) +
-`pair_distribution`, next to a straightforward K⁴ implementation that builds the full
-`L_ijql` tensor with `jnp.einsum` (skipped where that tensor exceeds 2 GB).
+repeats), `gains.make_gain_fn(...)` = `gain_matrix` (exact form, `hmean_recall` objective)
++ `pair_distribution`, one row per algorithm of `gain_matrix` (`factorised`, `softmax`),
+next to a straightforward K⁴ implementation that builds the full `L_ijql` tensor with
+`jnp.einsum` (skipped where that tensor exceeds 2 GB). The `vs softmax` column is the
+softmax time over the row's time, both measured in the same run.
 
-Memory, two measures:
+Memory, three measures:
   * `xla`: XLA's compiled memory analysis of the jitted function,
     argument + output + temporary buffers (`compiled.memory_analysis()`), i.e. the
-    buffers XLA allocates for one call;
+    buffers XLA allocates for one call; `temp`: the temporary buffers alone;
   * `rss` (with `--rss`): peak resident set (`VmHWM` in `/proc/self/status`) of a fresh
     subprocess per configuration minus its peak just before compiling, so it includes
     compilation. (`ru_maxrss` is not used: Linux carries it over from the parent across
@@ -92,18 +94,20 @@ def _time(fn, args, repeats):
 
 
 def _xla_bytes(fn, args):
+  """`(argument + output + temp bytes, temp bytes)` of the compiled function."""
   stats = fn.lower(*args).compile().memory_analysis()
   if stats is None:
-    return float("nan")
-  return (stats.argument_size_in_bytes + stats.output_size_in_bytes
-          + stats.temp_size_in_bytes)
+    return float("nan"), float("nan")
+  total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+  return total, stats.temp_size_in_bytes
 
 
 def _make(impl, num_classes):
-  obj = objectives.get("hmean")
+  """`impl`: an algorithm of `gains.gain_matrix`, or `naive` (the K⁴ einsum)."""
+  obj = objectives.get("hmean_recall")
   multipliers = obj.init_multipliers(num_classes)
-  if impl == "chunked":
-    fn = gains.make_gain_fn(obj.value, mix_weight=MIX_WEIGHT, temperature=0.1)
+  if impl in gains.ALGORITHMS:
+    fn = gains.make_gain_fn(obj.value, mix_weight=MIX_WEIGHT, temperature=0.1, algorithm=impl)
   else:
     fn = _naive_k4(obj.value, mix_weight=MIX_WEIGHT)
   return fn, multipliers
@@ -112,7 +116,8 @@ def _make(impl, num_classes):
 def _measure(impl, num_classes, dim, repeats):
   fn, multipliers = _make(impl, num_classes)
   args = (*_inputs(num_classes, dim), multipliers)
-  return {"seconds": _time(fn, args, repeats), "xla_bytes": _xla_bytes(fn, args)}
+  xla, temp = _xla_bytes(fn, args)
+  return {"seconds": _time(fn, args, repeats), "xla_bytes": xla, "temp_bytes": temp}
 
 
 def _rss_child(impl, num_classes, dim):
@@ -139,6 +144,7 @@ def _peak_rss_bytes():
 
 
 def _rss(impl, num_classes, dim):
+  impl = "naive" if impl not in gains.ALGORITHMS else impl
   out = subprocess.run(
       [sys.executable, __file__, "--child", f"{impl},{num_classes},{dim}"],
       check=True, capture_output=True, text=True, env=dict(os.environ))
@@ -207,27 +213,33 @@ def main():
   configs = [c for c in CONFIGS if not flags.quick or c[0] <= 100]
   print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-  header = "| K | d | SelMix (chunked) time | xla mem |"
+  header = "| K | d | algorithm | time | vs softmax | xla mem | temp |"
   header += " rss |" if flags.rss else ""
-  header += " K⁴ einsum time | K⁴ xla mem |" + (" K⁴ rss |" if flags.rss else "")
   print(header)
   print("|" + "|".join(["---"] * (header.count("|") - 1)) + "|")
+
+  def row(num_classes, dim, impl, result, softmax_seconds):
+    cells = [str(num_classes), str(dim), impl]
+    if result is None:
+      note = f"skipped (L is {_fmt_bytes(_naive_tensor_bytes(num_classes))})"
+      cells += [note] + ["—"] * (3 + flags.rss)
+    else:
+      ratio = softmax_seconds / result["seconds"]
+      cells += [_fmt_time(result["seconds"]), f"{ratio:.2g}x",
+                _fmt_bytes(result["xla_bytes"]), _fmt_bytes(result["temp_bytes"])]
+      if flags.rss:
+        cells.append(_fmt_bytes(_rss(impl, num_classes, dim)))
+    print("| " + " | ".join(cells) + " |", flush=True)
+
   for num_classes, dim in configs:
     repeats = 20 if num_classes <= 100 else 5 if num_classes <= 300 else 3
-    fast = _measure("chunked", num_classes, dim, repeats)
-    row = [str(num_classes), str(dim), _fmt_time(fast["seconds"]),
-           _fmt_bytes(fast["xla_bytes"])]
-    if flags.rss:
-      row.append(_fmt_bytes(_rss("chunked", num_classes, dim)))
+    results = {impl: _measure(impl, num_classes, dim, repeats) for impl in gains.ALGORITHMS}
     if _naive_tensor_bytes(num_classes) <= NAIVE_LIMIT_BYTES:
-      slow = _measure("naive", num_classes, dim, max(3, repeats // 4))
-      row += [_fmt_time(slow["seconds"]), _fmt_bytes(slow["xla_bytes"])]
-      if flags.rss:
-        row.append(_fmt_bytes(_rss("naive", num_classes, dim)))
+      results["K⁴ einsum"] = _measure("naive", num_classes, dim, max(3, repeats // 4))
     else:
-      note = f"skipped (L is {_fmt_bytes(_naive_tensor_bytes(num_classes))})"
-      row += [note, "—"] + (["—"] if flags.rss else [])
-    print("| " + " | ".join(row) + " |", flush=True)
+      results["K⁴ einsum"] = None
+    for impl, result in results.items():
+      row(num_classes, dim, impl, result, results["softmax"]["seconds"])
 
   print()
   print("| sampler, K = 1000, ImageNet-LT labels | median time |")

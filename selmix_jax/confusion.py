@@ -1,4 +1,4 @@
-"""Confusion matrices accumulated exactly from (padded) batches.
+"""Confusion matrices and per-class feature sums, accumulated exactly from (padded) batches.
 
 `confusion[i, j]` counts examples of true class `i` predicted as class `j` (rows = true
 class). Counts are accumulated as `int32`, so a single call, a sum of per-batch matrices
@@ -18,7 +18,21 @@ matrix at `label * K + pred`. On a 2-core CPU with N = 10**6 it takes ~0.6 ms (K
 100) to ~3 ms (K = 1000); a 2-D scatter `.at[labels, preds]` was 1.2-12x slower (it
 serialises on the few hot cells when K is small) and a one-hot matmul costs O(N K^2)
 (55 ms at K = 10, 330 ms at K = 100, and is inexact in float32 past 2**24).
+
+`num_classes` is static: it fixes the output shape. `confusion_matrix` and
+`class_feature_sums` are jitted with `num_classes` as a static argument, so a direct call
+compiles once per (input shape, K) and a call inside a user's `jit`/`pmap` just inlines. A
+user who jits them directly must mark `num_classes` static too
+(`jax.jit(confusion_matrix, static_argnames="num_classes")`, or bind it with
+`functools.partial`); a traced `num_classes` raises a `TypeError` that says so.
+
+Prototypes (SPEC §4): `class_feature_sums` returns per-class sums of features and
+per-class counts of one batch; like the confusion matrix they add across batches and
+`psum` across devices, and `prototypes(sums, counts)` divides once at the end.
 """
+
+import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +47,36 @@ def _flat_valid(labels, mask, num_classes):
   return labels, valid
 
 
+def _static_num_classes(num_classes) -> int:
+  """`num_classes` as a Python int; a clear error if it is traced or not an integer."""
+  if isinstance(num_classes, jax.core.Tracer):
+    raise TypeError(
+      "num_classes must be a static Python int (it fixes the output shape [K, K]), but it "
+      "is a traced value. Under jax.jit mark it static, e.g. "
+      "jax.jit(confusion.confusion_matrix, static_argnames='num_classes'), or bind it with "
+      "functools.partial(..., num_classes=K); under jax.pmap use static_broadcasted_argnums."
+    )
+  try:
+    num_classes = operator.index(num_classes)
+  except TypeError:
+    raise TypeError(f"num_classes must be an int, got {num_classes!r}.") from None
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be positive, got {num_classes}.")
+  return num_classes
+
+
+def _jit_static_num_classes(fn):
+  """Jits `fn(labels, x, num_classes, *, mask=None)` with `num_classes` checked and static."""
+  jitted = jax.jit(fn, static_argnames=("num_classes",))
+
+  @functools.wraps(fn)
+  def wrapper(labels, x, num_classes, *, mask=None):
+    return jitted(labels, x, _static_num_classes(num_classes), mask=mask)
+
+  return wrapper
+
+
+@_jit_static_num_classes
 def confusion_matrix(
   labels: jax.Array,
   preds: jax.Array,
@@ -42,18 +86,22 @@ def confusion_matrix(
 ) -> jax.Array:
   """Counts (true class, predicted class) pairs.
 
+  Jitted with `num_classes` static; see the module docstring for use under `jit`/`pmap`.
+
   Args:
     labels: `[...]` integer true classes.
     preds: `[...]` integer predicted classes, same shape as `labels`.
-    num_classes: K, a static Python int.
+    num_classes: K, a static Python int (not a traced value).
     mask: optional `[...]` boolean validity (`False` for padding rows, which are not
       counted). Examples whose label or prediction lies outside `[0, K)` are not counted.
 
   Returns:
     `[K, K]` int32 counts, rows = true class, columns = predicted class. Exact up to
     `2**31 - 1` examples per cell.
+
+  Raises:
+    TypeError: `num_classes` is traced (not marked static) or not an integer.
   """
-  num_classes = int(num_classes)
   labels, valid = _flat_valid(labels, mask, num_classes)
   preds = jnp.asarray(preds).reshape(-1)
   if labels.shape != preds.shape:
@@ -99,3 +147,63 @@ def soft_confusion_matrix(
   rows = jnp.where(valid[:, None], probs, jnp.zeros_like(probs))
   segment = jnp.where(valid, labels, 0).astype(jnp.int32)
   return jax.ops.segment_sum(rows, segment, num_segments=num_classes)
+
+
+@_jit_static_num_classes
+def class_feature_sums(
+  labels: jax.Array,
+  features: jax.Array,
+  num_classes: int,
+  *,
+  mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Per-class sums of features and per-class example counts (for prototypes).
+
+  Padding rows (`mask=False`) and labels outside `[0, K)` contribute nothing, whatever
+  their features hold (NaN included). Both outputs add across batches and can be
+  `jax.lax.psum`'d across devices: the counts exactly, the sums up to float32 rounding.
+  The sum is a one-hot matmul at `jax.lax.Precision.HIGHEST`, so on accelerators whose
+  default matmul precision rounds inputs to bfloat16 the features are not rounded.
+  Jitted with `num_classes` static, like `confusion_matrix`.
+
+  Args:
+    labels: `[...]` integer true classes.
+    features: `[..., D]` features, leading shape that of `labels`.
+    num_classes: K, a static Python int.
+    mask: optional `[...]` boolean validity.
+
+  Returns:
+    `(sums, counts)`: `[K, D]` float32 sums (float64 if `features` are) and `[K]` int32
+    counts of the valid examples of each class.
+
+  Raises:
+    TypeError: `num_classes` is traced (not marked static) or not an integer.
+  """
+  labels, valid = _flat_valid(labels, mask, num_classes)
+  features = jnp.asarray(features)
+  features = features.reshape(-1, features.shape[-1])
+  if labels.shape[0] != features.shape[0]:
+    raise ValueError(f"{labels.shape[0]} labels but {features.shape[0]} feature rows.")
+  features = features.astype(jnp.promote_types(features.dtype, jnp.float32))
+  onehot = (labels[:, None] == jnp.arange(num_classes)) & valid[:, None]  # [N, K]
+  features = jnp.where(valid[:, None], features, jnp.zeros_like(features))  # 0 * NaN = NaN.
+  sums = jnp.einsum(
+    "nk,nd->kd", onehot.astype(features.dtype), features, precision=jax.lax.Precision.HIGHEST
+  )
+  return sums, onehot.sum(axis=0, dtype=jnp.int32)
+
+
+def prototypes(sums: jax.Array, counts: jax.Array) -> jax.Array:
+  """Per-class mean features `sums / counts`; zero for a class without examples.
+
+  Args:
+    sums: `[K, D]` per-class feature sums (`class_feature_sums`, summed over batches).
+    counts: `[K]` per-class example counts.
+
+  Returns:
+    `[K, D]` prototypes (float, dtype of `sums`); NaN-free in value and gradient.
+  """
+  sums = jnp.asarray(sums)
+  counts = jnp.asarray(counts)[:, None]
+  present = counts > 0
+  return jnp.where(present, sums / jnp.where(present, counts, 1).astype(sums.dtype), 0.0)

@@ -8,6 +8,20 @@ Usage::
   gain_weights = jax.grad(obj.value)(val_confusion, multipliers)     # M = d psi / d C
   obj.target(val_confusion)  # {'target': min recall}
 
+`value(confusion, multipliers=None)`: an objective without multipliers (`mean_recall`,
+G-/H-mean, a plain registered function; `obj.has_multipliers` is False) may be called
+without them, or with its `(0,)` array; one with multipliers raises a `ValueError` when
+they are missing (a silent default would optimise a different objective).
+
+Names: the registry names are those of the reported metrics (`metrics.summary`):
+`mean_recall`, `min_recall`, `min_head_tail_recall`, `gmean_recall`, `hmean_recall` and
+the constrained objectives below. The SPEC's short names `gmean` and `hmean` are aliases
+(`aliases()`): `get("gmean")` is `get("gmean_recall")`, whose `name` is `gmean_recall`.
+`names()` lists registry names only; `name in names()` also accepts an alias.
+
+`get` caches: equal `(name, hyperparameters)` give the same `Objective` object, so code
+jitted with `obj.value` as a static argument compiles once however often `get` is called.
+
 `value` is the differentiable `psi` the gain module differentiates (multipliers held
 fixed); `target` is the reported metric, plus constraint status for constrained
 objectives: `constraint_satisfied` (bool, one per constraint), `all_constraints_satisfied`
@@ -21,14 +35,16 @@ Recalls follow the absent-class rule of `selmix_jax.metrics` (a class without
 validation examples is left out of recall aggregates, and gets multiplier 0 in
 `min_recall`; a head/tail group without present classes gets multiplier 0 and
 contributes 0 to psi). Coverage constraints apply to every class. An all-zero
-confusion matrix leaves the multipliers unchanged.
+confusion matrix leaves the multipliers unchanged. An *invalid* matrix (a negative, NaN
+or infinite entry; see `selmix_jax.metrics`) makes `value`, the updated multipliers and
+the `target` numbers NaN (constraint flags False), for every objective `get` returns.
 
 G-mean and H-mean are exactly 0, with zero gradient, while some present class has zero
 validation recall (the true gradient is infinite there), which would make every gain 0
-exactly when SelMix is most needed. So the `psi` of `gmean`, `hmean` and the H-mean
-coverage objectives uses recalls smoothed as `r_i + recall_smoothing` (default 1e-3,
-far below one validation example's share of a class): a zero-recall class then gets
-the largest weight in `dpsi/dC`, as the limit suggests. `target` reports the exact
+exactly when SelMix is most needed. So the `psi` of `gmean_recall`, `hmean_recall` and
+the H-mean coverage objectives uses recalls smoothed as `r_i + recall_smoothing`
+(default 1e-3, far below one validation example's share of a class): a zero-recall
+class then gets the largest weight in `dpsi/dC`, as the limit suggests. `target` reports the exact
 metric.
 
 A new objective is one function of the confusion matrix::
@@ -49,6 +65,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from selmix_jax import metrics
 
@@ -71,46 +88,148 @@ class Objective:
 
   Attributes:
     name: registry name.
-    value: `(confusion [K, K], multipliers) -> scalar` differentiable psi.
+    value: `(confusion [K, K], multipliers=None) -> scalar` differentiable psi;
+      `multipliers` may be omitted (None) only when `has_multipliers` is False.
     target: `confusion [K, K] -> dict` with the reported `target` scalar (and
       constraint status for constrained objectives).
     init_multipliers: `num_classes -> array`, shape `(0,)` when there are none.
     update_multipliers: `(multipliers, confusion) -> array`, the refresh rule.
+    has_multipliers: whether `value` needs multipliers.
   """
 
   name: str
-  value: Callable[[Array, Array], Array]
+  value: Callable[..., Array]
   target: Callable[[Array], dict[str, Array]]
   init_multipliers: Callable[[int], Array]
   update_multipliers: Callable[[Array, Array], Array]
+  has_multipliers: bool = False
 
 
-_FACTORIES: dict[str, Callable[..., Objective]] = {}
+@dataclasses.dataclass(frozen=True)
+class _Factory:
+  """A registry entry: `normalise(**hparams) -> dict` checks the hyperparameters and puts
+  them in canonical form (the cache key is made of it); `build(**normalised) -> Objective`."""
+
+  normalise: Callable[..., dict[str, Any]]
+  build: Callable[..., Objective]
+
+
+_FACTORIES: dict[str, _Factory] = {}
+_ALIASES: dict[str, str] = {}  # alias -> registry name
+_CACHE: dict[tuple[Any, ...], Objective] = {}
+
+
+class _NameList(list):
+  """Registry names; `in` also accepts aliases, so `name in names()` validates any name
+  that `get` accepts (configs check membership before building)."""
+
+  def __contains__(self, name) -> bool:
+    return super().__contains__(name) or name in _ALIASES
 
 
 def names() -> list[str]:
-  """Registered objective names, built-ins first in SPEC order."""
-  return list(_FACTORIES)
+  """Registry names (`Objective.name`), built-ins first in SPEC order; no aliases.
+
+  `name in names()` is also True for an alias (see `aliases()`), so a membership check
+  accepts every name that `get` accepts.
+  """
+  return _NameList(_FACTORIES)
+
+
+def aliases() -> dict[str, str]:
+  """Other accepted names: `{alias: registry name}`, e.g. `{'gmean': 'gmean_recall'}`."""
+  return dict(_ALIASES)
+
+
+def canonical_name(name: str) -> str:
+  """The registry name of `name` (itself, or what an alias points to).
+
+  Raises:
+    ValueError: unknown name; the message lists the known names and aliases.
+  """
+  name = _ALIASES.get(name, name)
+  if name not in _FACTORIES:
+    known = ", ".join(_FACTORIES)
+    alias_list = ", ".join(f"{a} -> {n}" for a, n in _ALIASES.items())
+    raise ValueError(
+      f"Unknown objective {name!r}; known objectives: {known} (aliases: {alias_list})."
+    )
+  return name
 
 
 def get(name: str, **hparams: Any) -> Objective:
-  """Builds the objective `name` with keyword hyperparameters.
+  """The objective `name` with keyword hyperparameters, built once and cached.
+
+  Two calls with the same name (or an alias of it) and equal hyperparameters return the
+  *same* `Objective` (the same `value` function object), so functions jitted with
+  `value` as a static argument (`gains.gain_matrix`, `gains.make_gain_fn`) do not
+  recompile when a loop calls `get` again. Hyperparameters are compared after
+  normalisation: defaults filled in, numbers as floats for built-ins, and arrays or lists
+  (e.g. `head_mask`) as tuples, so `head_mask=np.array([...])` and the equal list hit the
+  same entry. Hyperparameters are static configuration, not traced values.
 
   Args:
-    name: a registered name (see `names()`).
+    name: a registry name (see `names()`) or an alias (see `aliases()`).
     **hparams: for built-ins, any of `omega`, `beta`, `alpha`, `tau`,
-      `multiplier_max`, `head_mask` (defaults from SPEC §3, unused ones ignored); for a
-      registered function, keyword arguments bound to it.
+      `multiplier_max`, `head_mask`, `recall_smoothing` (defaults from SPEC §3, unused
+      ones ignored); for a registered function, keyword arguments bound to it (numbers,
+      strings, or arrays/lists/tuples of them).
 
   Returns:
-    The `Objective`.
+    The `Objective` (its `name` is the registry name, also when `name` is an alias).
 
   Raises:
     ValueError: unknown name or, for a built-in, an unknown hyperparameter.
+    TypeError: a hyperparameter that cannot be compared (e.g. a dict or a traced array).
   """
-  if name not in _FACTORIES:
-    raise ValueError(f"Unknown objective {name!r}; known objectives: {', '.join(names())}.")
-  return _FACTORIES[name](**hparams)
+  name = canonical_name(name)
+  factory = _FACTORIES[name]
+  normalised = factory.normalise(**hparams)
+  key = (name, *sorted((k, _hashable(name, k, v)) for k, v in normalised.items()))
+  if key not in _CACHE:
+    _CACHE[key] = _with_validity_rule(factory.build(**normalised))
+  return _CACHE[key]
+
+
+def _with_validity_rule(obj: Objective) -> Objective:
+  """`obj` under the invalid-matrix rule of `selmix_jax.metrics`.
+
+  A confusion matrix with a negative, NaN or infinite entry gives a NaN `value`, NaN
+  multipliers from `update_multipliers`, and a `target` of NaN numbers and False
+  constraint flags (never a plausible psi, which would yield plausible gains). The
+  functions see zeros instead of the invalid matrix, so gradients stay finite.
+  """
+
+  def value(confusion, multipliers=None):
+    confusion, valid = metrics.zero_if_invalid(confusion)
+    return metrics.mask_invalid(obj.value(confusion, multipliers), valid)
+
+  def target(confusion):
+    confusion, valid = metrics.zero_if_invalid(confusion)
+    return metrics.mask_invalid(obj.target(confusion), valid)
+
+  def update_multipliers(multipliers, confusion):
+    confusion, valid = metrics.zero_if_invalid(confusion)
+    return metrics.mask_invalid(obj.update_multipliers(multipliers, confusion), valid)
+
+  return dataclasses.replace(
+    obj, value=value, target=target, update_multipliers=update_multipliers
+  )
+
+
+def _hashable(name: str, key: str, value: Any) -> Any:
+  """A hashable stand-in for a hyperparameter value (arrays and lists as tuples)."""
+  try:
+    if isinstance(value, (np.ndarray, jax.Array, list, tuple)):
+      array = np.asarray(value)
+      value = (array.dtype.str, array.shape, tuple(array.ravel().tolist()))
+    hash(value)
+  except TypeError as error:
+    raise TypeError(
+      f"Hyperparameter {key}={value!r} of objective {name!r} cannot be used as a cache key "
+      "(hyperparameters must be static: numbers, strings, or arrays/lists of them)."
+    ) from error
+  return value
 
 
 def register(
@@ -142,6 +261,8 @@ def register(
     ValueError: duplicate name (unless `overwrite`), only one multiplier function, or
       multipliers without a `target_fn`.
   """
+  if name in _ALIASES:
+    raise ValueError(f"{name!r} is an alias of objective {_ALIASES[name]!r}; pick another name.")
   if name in _FACTORIES and not overwrite:
     raise ValueError(
       f"Objective {name!r} is already registered; pick another name or pass overwrite=True."
@@ -152,12 +273,8 @@ def register(
   if has_multipliers and target_fn is None:
     raise ValueError(f"Objective {name!r} has multipliers, so it needs a target_fn.")
 
-  def factory(**hparams):
+  def build(**hparams):
     fn = functools.partial(value_fn, **hparams)
-
-    def value(c, m):
-      return fn(_normalise(c), m) if has_multipliers else fn(_normalise(c))
-
     if has_multipliers:
       init, update = init_multipliers_fn, update_multipliers_fn
     else:
@@ -168,28 +285,42 @@ def register(
       out = report(_normalise(c))
       return dict(out) if isinstance(out, dict) else {"target": out}
 
-    return Objective(name, value, target, init, update)
+    psi = fn if has_multipliers else lambda c, m: fn(c)
+    value = _value(name, psi, has_multipliers)
+    return Objective(name, value, target, init, update, has_multipliers=has_multipliers)
 
-  _FACTORIES[name] = factory
+  _FACTORIES[name] = _Factory(normalise=lambda **hparams: hparams, build=build)
+  _clear_cache(name)
 
 
-def _register_builtin(name):
+def _clear_cache(name: str) -> None:
+  for key in [key for key in _CACHE if key[0] == name]:
+    del _CACHE[key]
+
+
+def _register_builtin(name, aliases=()):
   """Decorator for a built-in factory taking the shared keyword hyperparameters."""
 
-  def decorate(build):
-    def factory(**hparams):
-      unknown = set(hparams) - set(DEFAULT_HPARAMS)
-      if unknown:
-        raise ValueError(
-          f"Unknown hyperparameters {sorted(unknown)} for objective {name!r}; "
-          f"known: {sorted(DEFAULT_HPARAMS)}."
-        )
-      merged = {**DEFAULT_HPARAMS, **hparams}
-      for key in ("omega", "beta", "alpha", "tau", "multiplier_max", "recall_smoothing"):
-        merged[key] = float(merged[key])
-      return build(name, **merged)
+  def normalise(**hparams):
+    unknown = set(hparams) - set(DEFAULT_HPARAMS)
+    if unknown:
+      raise ValueError(
+        f"Unknown hyperparameters {sorted(unknown)} for objective {name!r}; "
+        f"known: {sorted(DEFAULT_HPARAMS)}."
+      )
+    merged = {**DEFAULT_HPARAMS, **hparams}
+    for key in ("omega", "beta", "alpha", "tau", "multiplier_max", "recall_smoothing"):
+      merged[key] = float(merged[key])
+    if merged["head_mask"] is not None:  # A constant tuple: hashable, and not the caller's.
+      head_mask = np.asarray(merged["head_mask"], dtype=bool)
+      if head_mask.ndim != 1:
+        raise ValueError(f"head_mask must be a [K] boolean mask, got shape {head_mask.shape}.")
+      merged["head_mask"] = tuple(head_mask.tolist())
+    return merged
 
-    _FACTORIES[name] = factory
+  def decorate(build):
+    _FACTORIES[name] = _Factory(normalise=normalise, build=functools.partial(build, name))
+    _ALIASES.update((alias, name) for alias in aliases)
     return build
 
   return decorate
@@ -203,6 +334,21 @@ def _normalise(confusion: Array) -> Array:
   confusion = jnp.asarray(confusion)
   confusion = confusion.astype(jnp.result_type(confusion.dtype, jnp.float32))
   return metrics.safe_div(confusion, confusion.sum((-2, -1), keepdims=True), 0.0)
+
+
+def _value(name: str, psi: Callable[[Array, Array], Array], has_multipliers: bool):
+  """`value(confusion, multipliers=None)`: `psi(fractions, multipliers)`, None checked."""
+
+  def value(confusion, multipliers=None):
+    if multipliers is None and has_multipliers:
+      raise ValueError(
+        f"Objective {name!r} needs multipliers: pass "
+        "obj.update_multipliers(obj.init_multipliers(K), confusion) (or the trainer's "
+        "current ones) as value(confusion, multipliers)."
+      )
+    return psi(_normalise(confusion), multipliers)
+
+  return value
 
 
 def _no_multipliers(num_classes: int) -> Array:
@@ -248,12 +394,14 @@ def _head_tail_coverage_fn(head_mask):
 
 def _unconstrained(name, base_fn, init, update, value_fn=None):
   value_fn = value_fn or (lambda c, m: base_fn(c))
+  has_multipliers = init is not _no_multipliers
   return Objective(
     name=name,
-    value=lambda c, m: value_fn(_normalise(c), m),
+    value=_value(name, value_fn, has_multipliers),
     target=lambda c: {"target": base_fn(_normalise(c))},
     init_multipliers=init,
     update_multipliers=update,
+    has_multipliers=has_multipliers,
   )
 
 
@@ -323,7 +471,7 @@ def _smoothed_recalls(c: Array, smoothing: float) -> tuple[Array, Array]:
 
 
 def _smoothed_gmean(smoothing: float):
-  """G-mean of `r_i + smoothing` over present classes (the gain's psi for `gmean`)."""
+  """G-mean of `r_i + smoothing` over present classes (the gain's psi for `gmean_recall`)."""
 
   def fn(c):
     r, present = _smoothed_recalls(c, smoothing)
@@ -334,7 +482,7 @@ def _smoothed_gmean(smoothing: float):
 
 
 def _smoothed_hmean(smoothing: float):
-  """H-mean of `r_i + smoothing` over present classes (the gain's psi for `hmean`)."""
+  """H-mean of `r_i + smoothing` over present classes (the gain's psi for `hmean_recall`)."""
 
   def fn(c):
     r, present = _smoothed_recalls(c, smoothing)
@@ -344,7 +492,7 @@ def _smoothed_hmean(smoothing: float):
   return fn
 
 
-@_register_builtin("gmean")
+@_register_builtin("gmean_recall", aliases=("gmean",))
 def _gmean(name, *, recall_smoothing, **unused):
   del unused
   psi = _smoothed_gmean(recall_smoothing)
@@ -353,7 +501,7 @@ def _gmean(name, *, recall_smoothing, **unused):
   )
 
 
-@_register_builtin("hmean")
+@_register_builtin("hmean_recall", aliases=("hmean",))
 def _hmean(name, *, recall_smoothing, **unused):
   del unused
   psi = _smoothed_hmean(recall_smoothing)
@@ -382,8 +530,7 @@ def _constrained(
     new = _coverage_multipliers(cov, threshold=threshold(confusion), tau=tau, lmax=multiplier_max)
     return jnp.where(jnp.isnan(cov), multipliers, new)  # An empty matrix changes nothing.
 
-  def value(confusion, multipliers):
-    c = _normalise(confusion)
+  def psi(c, multipliers):
     gaps = coverage_fn(c) - threshold(c)
     total = psi_base_fn(c) + (multipliers * gaps).sum(-1)
     return total / (1.0 + multipliers.max(-1, initial=0.0))
@@ -399,7 +546,7 @@ def _constrained(
       "constraint_gap": gaps.min(-1),
     }
 
-  return Objective(name, value, target, init, update)
+  return Objective(name, _value(name, psi, True), target, init, update, has_multipliers=True)
 
 
 @_register_builtin("mean_recall_min_coverage")

@@ -15,20 +15,28 @@ is renormalised; this is logged when the set of such classes changes, not every 
 
 Cost: `O(N)` setup (bincount + a stable argsort of the labels) and, per batch, `O(B)`
 given a prepared table (`prepare`), or `O(K²)` more if a raw `[K, K]` array is passed.
-Deterministic in `(seed, step)`: a resumed run draws the same batches.
+Deterministic in `(seed, step)`: a resumed run draws the same batches. Imports only
+numpy (and the standard `logging` module).
 
   sampler = sampling.PairSampler(labeled_labels, num_classes=K)           # supervised
   sampler = sampling.PairSampler(labeled_labels, pseudo_labels, num_classes=K)  # SSL
   table = sampler.prepare(pair_probs)                         # once per refresh
   idx1, idx2, y1, y2 = sampler.sample(table, 64, seed=0, step=step)
+
+`concentration(pair_probs)` summarises how peaked P is (effective number of pairs,
+support, top-1/top-10 mass, whether it is essentially uniform) for the refresh log.
 """
 
 import copy
 import dataclasses
+import logging
 from typing import Optional, Union
 
-from absl import logging
 import numpy as np
+
+# The standard library logger (absl's handler picks it up in an absl app), so the sampler
+# imports with numpy alone.
+_LOG = logging.getLogger(__name__)
 
 # Mixed into the RNG seed so these draws are independent of other [seed, step] streams.
 _STREAM = 0x5E1A1C
@@ -87,9 +95,9 @@ class PairTable:
 
 def _log_absent(pool: str, absent: tuple[int, ...]) -> None:
   if absent:
-    logging.info("PairSampler: %d classes have no %s examples and are never drawn on that "
-                 "side: %s%s", len(absent), pool, list(absent[:20]),
-                 " ..." if len(absent) > 20 else "")
+    _LOG.info("PairSampler: %d classes have no %s examples and are never drawn on that "
+              "side: %s%s", len(absent), pool, list(absent[:20]),
+              " ..." if len(absent) > 20 else "")
 
 
 def with_floor(pair_probs, floor: Optional[float] = None) -> np.ndarray:
@@ -114,6 +122,46 @@ def with_floor(pair_probs, floor: Optional[float] = None) -> np.ndarray:
   else:
     probs = probs / total
   return (1.0 - floor) * probs + floor / (k * k)
+
+
+def concentration(
+    pair_probs, *, top: tuple[int, ...] = (1, 10), tolerance: float = 0.05
+) -> dict[str, Union[float, int, bool]]:
+  """How concentrated a pair distribution is: statistics to log at each refresh.
+
+  Args:
+    pair_probs: `[K, K]` (or any shape) non-negative probabilities; normalised here.
+    top: the `k` of the `top{k}_mass` entries.
+    tolerance: `near_uniform` holds when `effective_pairs >= (1 - tolerance) * support`.
+
+  Returns:
+    A dict with
+      * `effective_pairs`: `exp(entropy)` (natural log), the number of equally likely
+        pairs with the same entropy: 1 when all mass is on one pair, `support` when P is
+        uniform over its support;
+      * `support`: number of pairs with `P > 0`;
+      * `top{k}_mass` for each `k` in `top`: total probability of the `k` likeliest pairs;
+      * `near_uniform`: P is essentially uniform over its support (see `tolerance`).
+
+  Raises:
+    ValueError: a negative or non-finite entry (e.g. the all-NaN P of a non-finite gain),
+      or no mass at all.
+  """
+  probs = np.asarray(pair_probs, dtype=np.float64).reshape(-1)
+  if not np.all(np.isfinite(probs)) or np.any(probs < 0):
+    raise ValueError("pair_probs must be finite and non-negative")
+  total = probs.sum()
+  if total <= 0:
+    raise ValueError("pair_probs has no mass")
+  probs = probs / total
+  positive = probs[probs > 0]
+  effective = float(np.exp(-np.sum(positive * np.log(positive))))
+  out = {"effective_pairs": effective, "support": int(positive.size)}
+  for k in top:
+    num = min(int(k), probs.size)  # Fewer pairs than k: all of them.
+    out[f"top{k}_mass"] = float(np.partition(probs, probs.size - num)[-num:].sum())
+  out["near_uniform"] = bool(effective >= (1.0 - tolerance) * positive.size)
+  return out
 
 
 class PairSampler:
@@ -187,7 +235,7 @@ class PairSampler:
     drop_key = (self._pool1.absent, self._pool2.absent)
     if dropped > 0 and drop_key != self._logged_drop:
       self._logged_drop = drop_key  # Log once per change of the absent classes.
-      logging.warning(
+      _LOG.warning(
           "PairSampler: %.3g of the pair mass (P with floor) involves classes without "
           "examples in their pool; it is set to 0 and the rest renormalised.", dropped)
     mixed = np.where(self._valid_pairs, mixed, 0.0)

@@ -1,5 +1,7 @@
 """Tests for selmix_jax.confusion: exact counts, masking, soft counts, psum across devices."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -57,6 +59,39 @@ def test_jit_does_not_retrace():
       count(labels, preds, mask),
       sk_metrics.confusion_matrix(labels[mask], preds[mask], labels=np.arange(4)),
     )
+
+
+def test_num_classes_is_static_under_jit_and_pmap():
+  rng = np.random.default_rng(4)
+  labels, preds = rng.integers(0, 5, (2, 4, 16))
+  want = sk_metrics.confusion_matrix(labels.ravel(), preds.ravel(), labels=np.arange(5))
+  # Direct call: jitted inside, num_classes static (a NumPy integer is fine).
+  np.testing.assert_array_equal(confusion.confusion_matrix(labels, preds, np.int64(5)), want)
+  # A user's jit marking num_classes static, by name or position.
+  by_name = jax.jit(confusion.confusion_matrix, static_argnames="num_classes")
+  np.testing.assert_array_equal(by_name(labels, preds, num_classes=5), want)
+  np.testing.assert_array_equal(by_name(labels, preds, 5), want)
+  # pmap with num_classes bound by functools.partial; psum gives the global matrix.
+  assert jax.local_device_count() == 4
+  p_count = jax.pmap(
+    lambda y, p: jax.lax.psum(confusion.confusion_matrix(y, p, num_classes=5), "d"),
+    axis_name="d",
+  )
+  np.testing.assert_array_equal(p_count(labels, preds)[3], want)
+  p_partial = jax.pmap(functools.partial(confusion.confusion_matrix, num_classes=5))
+  np.testing.assert_array_equal(p_partial(labels, preds).sum(0), want)
+
+
+def test_traced_num_classes_is_a_clear_error():
+  labels = preds = jnp.arange(4) % 3
+  with pytest.raises(TypeError, match=r"num_classes must be a static.*static_argnames"):
+    jax.jit(confusion.confusion_matrix)(labels, preds, 3)
+  with pytest.raises(TypeError, match="num_classes must be a static"):
+    jax.jit(confusion.class_feature_sums)(labels, jnp.ones((4, 2)), 3)
+  with pytest.raises(TypeError, match="num_classes must be an int"):
+    confusion.confusion_matrix(labels, preds, 3.5)
+  with pytest.raises(ValueError, match="positive"):
+    confusion.confusion_matrix(labels, preds, 0)
 
 
 def test_exact_past_float32_limit():
@@ -135,3 +170,67 @@ def test_psum_across_four_devices_equals_single_device():
     np.testing.assert_array_equal(hard[d], expected_hard)
     np.testing.assert_allclose(soft[d], expected_soft, rtol=1e-5, atol=1e-6)
   assert int(expected_hard.sum()) == int(mask.sum())
+
+
+def _loop_feature_sums(labels, features, mask, num_classes):
+  """NumPy loop oracle: float64 sums and counts of the valid examples of each class."""
+  sums = np.zeros((num_classes, features.shape[-1]))
+  counts = np.zeros(num_classes, np.int64)
+  for label, feature, valid in zip(labels, features, mask, strict=True):
+    if valid and 0 <= label < num_classes:
+      sums[label] += feature
+      counts[label] += 1
+  return sums, counts
+
+
+def test_class_feature_sums_and_prototypes_match_numpy_loop():
+  rng = np.random.default_rng(5)
+  num_classes, n, dim = 6, 200, 7
+  labels = rng.integers(-1, num_classes + 1, n)  # -1 and K are out of range: not counted.
+  labels[labels == 4] = 0  # Class 4 has no example: its prototype is 0.
+  features = rng.normal(size=(n, dim)).astype(np.float32)
+  mask = rng.random(n) < 0.8
+  features[~mask] = np.nan  # Padding rows may hold anything.
+  sums, counts = confusion.class_feature_sums(labels, features, num_classes, mask=mask)
+  assert sums.dtype == jnp.float32 and counts.dtype == jnp.int32
+  want_sums, want_counts = _loop_feature_sums(labels, features, mask, num_classes)
+  np.testing.assert_array_equal(counts, want_counts)
+  np.testing.assert_allclose(sums, want_sums, rtol=1e-5, atol=1e-5)
+  protos = confusion.prototypes(sums, counts)
+  assert np.all(np.isfinite(protos))
+  np.testing.assert_array_equal(protos[4], 0.0)
+  present = want_counts > 0
+  np.testing.assert_allclose(
+    protos[present], want_sums[present] / want_counts[present, None], rtol=1e-5, atol=1e-6
+  )
+  # Gradient of the prototypes is finite for the empty class too.
+  grad = jax.grad(lambda s: confusion.prototypes(s, counts).sum())(sums)
+  want_grad = np.where(present, 1.0 / np.maximum(want_counts, 1), 0.0)[:, None]
+  np.testing.assert_allclose(grad, np.broadcast_to(want_grad, (num_classes, dim)), rtol=1e-6)
+
+
+def test_class_feature_sums_psum_over_four_devices():
+  assert jax.local_device_count() == 4
+  num_devices, per_device, num_classes, dim = 4, 25, 5, 3
+  rng = np.random.default_rng(6)
+  labels = rng.integers(0, num_classes, (num_devices, per_device))
+  # Features ~1000: a bfloat16 matmul (an accelerator's default precision) would be off by
+  # ~0.4 %; the sums are computed at HIGHEST precision. (On CPU every matmul is float32.)
+  features = (1000 + rng.normal(size=(num_devices, per_device, dim))).astype(np.float32)
+  mask = np.arange(per_device)[None, :] < np.array([25, 25, 25, 11])[:, None]  # Last: padded.
+
+  def per_device_sums(labels, features, mask):
+    sums, counts = confusion.class_feature_sums(labels, features, num_classes, mask=mask)
+    return jax.lax.psum((sums, counts), "batch")
+
+  sums, counts = jax.pmap(per_device_sums, axis_name="batch")(labels, features, mask)
+  want_sums, want_counts = _loop_feature_sums(
+    labels.reshape(-1), features.reshape(-1, dim), mask.reshape(-1), num_classes
+  )
+  assert int(want_counts.sum()) == 25 * 3 + 11
+  for d in range(num_devices):
+    np.testing.assert_array_equal(counts[d], want_counts)
+    np.testing.assert_allclose(sums[d], want_sums, rtol=1e-6)
+  np.testing.assert_allclose(
+    confusion.prototypes(sums[0], counts[0]), want_sums / want_counts[:, None], rtol=1e-6
+  )

@@ -268,3 +268,90 @@ def test_check_grads_with_absent_class():
     )
 
   jtu.check_grads(all_metrics, (rows,), order=1, modes=("rev",), eps=1e-2, atol=1e-3, rtol=1e-2)
+
+
+# ---------------------------------------------------------------- invalid matrices
+
+_PUBLIC_METRICS = {
+  "recalls": metrics.recalls,
+  "precisions": metrics.precisions,
+  "coverages": metrics.coverages,
+  "head_tail_recalls": metrics.head_tail_recalls,
+  **{name: getattr(metrics, name) for name in SCALARS},
+}
+
+
+def _corrupt(value, cell=(1, 2)):
+  cm = LITERAL.astype(np.float32)
+  cm[cell] = value
+  return cm
+
+
+@pytest.mark.parametrize(
+  "cm",
+  [
+    _corrupt(np.nan),  # Was: row 1 taken for an absent class, plausible min recall 5/6.
+    _corrupt(np.inf),  # Was: H-mean > 1.
+    _corrupt(-np.inf),
+    _corrupt(-3.0),  # Was: mean recall > 1 (row 1 sums to 3 with a diagonal of 3).
+    _corrupt(np.nan, cell=(0, 0)),
+    _corrupt(-1e-30),  # Slightly negative is negative too.
+  ],
+  ids=["nan", "inf", "-inf", "negative", "nan_diagonal", "tiny_negative"],
+)
+def test_invalid_matrix_gives_nan_for_every_metric(cm):
+  assert not bool(metrics.is_valid(cm))
+  s = _summary(cm)
+  for name, value in s.items():
+    if name == "num_absent_classes":
+      assert int(value) == -1
+    else:
+      assert np.isnan(value).all(), name
+  for name, fn in _PUBLIC_METRICS.items():
+    assert np.isnan(np.asarray(jax.jit(fn)(cm))).all(), name
+  grads = _all_grads(jnp.asarray(cm))
+  for name, grad in grads.items():
+    np.testing.assert_array_equal(grad, 0.0, err_msg=name)
+
+
+def test_invalid_matrix_in_a_stack_leaves_the_others_alone():
+  stack = np.stack([LITERAL, LITERAL.T, LITERAL]).astype(np.float32)
+  stack[1, 0, 0] = -1.0
+  np.testing.assert_array_equal(metrics.is_valid(stack), [True, False, True])
+  for got in (_summary(stack), jax.jit(jax.vmap(metrics.summary))(stack)):
+    for b in (0, 2):
+      for name, value in _summary(LITERAL).items():
+        np.testing.assert_allclose(got[name][b], value, rtol=1e-6, err_msg=name)
+    assert np.isnan(got["mean_recall"][1]) and np.isnan(got["recall"][1]).all()
+    assert int(got["num_absent_classes"][1]) == -1
+  # Gradients at the valid matrices are those of the matrices alone.
+  grad = jax.grad(lambda c: metrics.hmean_recall(c).sum())(jnp.asarray(stack))
+  np.testing.assert_array_equal(grad[1], 0.0)
+  np.testing.assert_allclose(
+    grad[0], jax.grad(metrics.hmean_recall)(jnp.asarray(stack[0])), rtol=1e-6
+  )
+
+
+def test_integer_counts_with_a_negative_entry_are_invalid():
+  cm = LITERAL.copy()
+  cm[2, 0] = -1
+  assert np.isnan(_summary(cm)["accuracy"]) and not bool(metrics.is_valid(cm))
+  assert bool(metrics.is_valid(LITERAL)) and bool(metrics.is_valid(np.zeros((3, 3))))
+
+
+def test_check_counts():
+  out = metrics.check_counts(LITERAL, where="val")
+  np.testing.assert_array_equal(out, LITERAL)
+  metrics.check_counts(np.zeros((2, 4, 4)), where="empty stack")  # Empty is valid.
+  with pytest.raises(ValueError, match=r"validation at step 50: .*entry \[1, 2\] is nan"):
+    metrics.check_counts(jnp.asarray(_corrupt(np.nan)), where="validation at step 50")
+  with pytest.raises(ValueError, match=r"test: .*\[1, 2\] is -3.0 \(1 of 9 entries invalid\)"):
+    metrics.check_counts(_corrupt(-3.0), where="test")
+  cm = _corrupt(np.inf)
+  cm[0, 1] = np.nan  # The first bad cell in row-major order is named.
+  with pytest.raises(ValueError, match=r"entry \[0, 1\] is nan \(2 of 9 entries invalid\)"):
+    metrics.check_counts(cm, where="x")
+  with pytest.raises(ValueError, match=r"stack: .*entry \[1, 0, 0\] is -5 \(7 of 18"):
+    metrics.check_counts(np.stack([LITERAL, -LITERAL]), where="stack")
+  with pytest.raises(ValueError, match=r"val: a confusion matrix must be \[..., K, K\]"):
+    metrics.check_counts(np.ones((3, 4)), where="val")

@@ -1,6 +1,9 @@
 """Tests for `selmix_jax.sampling.PairSampler`."""
 
 import logging
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -160,3 +163,78 @@ def test_with_floor_mixes_normalised_p_with_uniform():
     sampling.with_floor(np.ones((2, 3)))
   with pytest.raises(ValueError, match="floor"):
     sampling.with_floor(p, 1.5)
+
+
+_CORE_PIPELINE = """
+import sys
+for name in ("absl", "flax", "tensorflow", "clu", "optax", "orbax", "chex"):
+  sys.modules[name] = None  # `import name` now raises ImportError.
+import numpy as np
+from selmix_jax import confusion, gains, metrics, objectives, sampling
+
+rng = np.random.default_rng(0)
+k = 4
+labels = rng.integers(0, k, 200)
+preds = np.where(rng.random(200) < 0.7, labels, rng.integers(0, k, 200))
+counts = confusion.confusion_matrix(labels, preds, k)
+summary = metrics.summary(counts)
+assert 0 < float(summary["mean_recall"]) < 1
+sums, class_counts = confusion.class_feature_sums(labels, rng.normal(size=(200, 3)), k)
+obj = objectives.get("min_recall")
+multipliers = obj.update_multipliers(obj.init_multipliers(k), counts)
+gain, pair_probs = gains.make_gain_fn(obj.value)(
+    counts, confusion.prototypes(sums, class_counts), rng.normal(size=(3, k)), np.zeros(k),
+    multipliers)
+assert np.isfinite(np.asarray(gain)).all()
+sampler = sampling.PairSampler(labels, num_classes=k)
+idx1, idx2, y1, y2 = sampler.sample(sampler.prepare(np.asarray(pair_probs)), 16, seed=0, step=0)
+assert (labels[idx1] == y1).all() and (labels[idx2] == y2).all()
+print("core pipeline ok")
+"""
+
+
+def test_core_pipeline_runs_with_training_stack_blocked():
+  """confusion -> summary -> gain -> P -> PairSampler with only jax and numpy importable."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run(
+    [sys.executable, "-c", _CORE_PIPELINE],
+    check=True, cwd=root, timeout=300, capture_output=True, text=True,
+  )  # fmt: skip
+  assert "core pipeline ok" in out.stdout
+
+
+def test_concentration_on_hand_checked_matrices():
+  uniform = sampling.concentration(np.full((3, 3), 1 / 9))
+  want = {"effective_pairs": 9.0, "support": 9, "top1_mass": 1 / 9, "top10_mass": 1.0}
+  assert uniform == pytest.approx({**want, "near_uniform": True})
+  # Uniform over half the pairs, unnormalised: uniform over its support.
+  half = sampling.concentration(np.array([[2.0, 2.0], [0.0, 0.0]]))
+  assert half["effective_pairs"] == pytest.approx(2.0) and half["support"] == 2
+  assert half["top1_mass"] == pytest.approx(0.5) and half["near_uniform"]
+  # Peaked: H = -(0.97 ln 0.97 + 3 * 0.01 ln 0.01) = 0.16770.
+  peaked = sampling.concentration(np.array([[0.97, 0.01], [0.01, 0.01]]), top=(1, 2))
+  assert peaked["effective_pairs"] == pytest.approx(np.exp(0.16770), rel=1e-4)
+  assert peaked["top1_mass"] == pytest.approx(0.97) and peaked["top2_mass"] == pytest.approx(0.98)
+  assert peaked["support"] == 4 and not peaked["near_uniform"]
+  one = sampling.concentration(np.eye(1))
+  assert one["effective_pairs"] == 1.0 and one["support"] == 1 and one["near_uniform"]
+
+
+def test_concentration_near_uniform_threshold():
+  # Two pairs (a, 1 - a): a = 0.6 gives exp(H) = 1.960 >= 0.95 * 2; a = 0.7 gives 1.842.
+  assert sampling.concentration(np.array([0.6, 0.4]))["near_uniform"]
+  assert not sampling.concentration(np.array([0.7, 0.3]))["near_uniform"]
+  assert sampling.concentration(np.array([0.7, 0.3]), tolerance=0.1)["near_uniform"]
+  # A SelMix P at a high temperature is near uniform, at a low one it is not.
+  gain = np.random.default_rng(0).normal(size=(10, 10))
+  for temperature, expected in ((100.0, True), (0.1, False)):
+    weights = np.where(gain > 0, np.exp(gain / temperature), 0.0)
+    stats = sampling.concentration(weights)
+    assert stats["support"] == int((gain > 0).sum())
+    assert stats["near_uniform"] == expected
+
+
+def test_concentration_rejects_invalid_probabilities():
+  for bad in (np.full((2, 2), np.nan), np.array([[0.5, -0.1], [0.3, 0.3]]), np.zeros((2, 2))):
+    with pytest.raises(ValueError, match="pair_probs"):
+      sampling.concentration(bad)
