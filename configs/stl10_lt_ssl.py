@@ -7,7 +7,19 @@ r"""STL-10-LT semi-supervised (SPEC §8): N1 = 450, rho_l = 10 (or 100), the 100
 The unlabeled pool is STL-10's `unlabelled` split as it is (its class distribution is unknown),
 so `unlabeled_max = -1` means "the whole split". rho_l = 100: `--config.data.labeled_imbalance=100`.
 STL-10 has 500 training images per class, so the validation set is 50 per class here.
-Expected: no SPEC §9 number; compare pre-trained vs SelMix on the same run.
+
+The authors' published FixMatch(LA) checkpoint (rho_l = 10; link in README.md) converts with
+  python -m selmix_jax.convert --torch_checkpoint=fixmatch_la.pth --model=wrn28_2 \
+    --num_classes=10 --out=runs/stl/release
+but the release trains and evaluates STL-10 resized to 32x32 (its `size: 32`), while our
+pipeline feeds the native 96x96 images (`config.data.image_size` is not applied to TFDS
+`stl10`): a converted checkpoint fine-tuned here sees another input scale, so that run is not
+a reproduction of the release. Pre-training here is at 96 px, for 2^20 steps as in the release.
+`--config.selmix.partner_labels=true` would draw mixup partners by true labels as the release
+does, but STL-10's unlabeled split has no labels.
+
+Expected: no SPEC §9 number (the release publishes none for STL-10); compare pre-trained vs
+SelMix on the same run.
 """
 
 import ml_collections

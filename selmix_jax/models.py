@@ -78,11 +78,17 @@ def _batch_norm(train: bool, momentum: float, axis_name: str | None, *, epsilon:
 
 
 class _WRNBlock(nn.Module):
-  """Pre-activation residual block of FixMatch's WideResNet (the TF original's `residual`)."""
+  """Pre-activation residual block of FixMatch's WideResNet as its PyTorch ports (and SelMix's
+  release, `models/nets/wrn.py`) define it.
+
+  `x = act(bn1(x0))` feeds the first 3x3 convolution. Where the channel count changes, the 1x1
+  projection shortcut reads that pre-activated `x` as well; elsewhere the shortcut is the raw
+  input `x0`. (The TF original pre-activates the shortcut in the very first block only, so its
+  weights are not interchangeable with these.)
+  """
 
   filters: int
   stride: int
-  activate_before_residual: bool
   norm: Callable[..., nn.Module]
 
   @nn.compact
@@ -90,23 +96,30 @@ class _WRNBlock(nn.Module):
     act = functools.partial(nn.leaky_relu, negative_slope=0.1)
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init_fan_out)
     x = act(self.norm()(x0))
-    if self.activate_before_residual:
-      x0 = x
-    x = conv(self.filters, (3, 3), strides=self.stride, padding=1)(x)
-    x = act(self.norm()(x))
-    x = conv(self.filters, (3, 3), padding=1)(x)
+    y = conv(self.filters, (3, 3), strides=self.stride, padding=1)(x)
+    y = act(self.norm()(y))
+    y = conv(self.filters, (3, 3), padding=1)(y)
     if x0.shape[-1] != self.filters:
-      x0 = conv(self.filters, (1, 1), strides=self.stride, padding=0)(x0)
-    return x0 + x
+      # Created last, so the shortcut stays `Conv_2` (checkpoint names unchanged).
+      x0 = conv(self.filters, (1, 1), strides=self.stride, padding=0)(x)
+    elif self.stride != 1:
+      raise ValueError("A strided WideResNet block must change the channel count.")
+    return x0 + y
 
 
 class WideResNet(nn.Module):
-  """WideResNet-depth-widen_factor backbone with LeakyReLU 0.1 (FixMatch); D = 64 * widen."""
+  """WideResNet-depth-widen_factor backbone with LeakyReLU 0.1 (FixMatch); D = 64 * widen.
+
+  Matches `build_WideResNet` of SelMix's release (PyTorch) layer for layer: stem conv,
+  3 groups of pre-activation blocks, final BatchNorm + LeakyReLU, global average pool.
+  BatchNorm epsilon is PyTorch's 1e-5, so converted checkpoints (`selmix_jax.convert`)
+  compute the same function.
+  """
 
   depth: int = 28
   widen_factor: int = 2
   bn_momentum: float = 0.999  # Flax convention; PyTorch's momentum=0.001.
-  bn_epsilon: float = 1e-3
+  bn_epsilon: float = 1e-5  # PyTorch's default, as in the release.
   bn_axis_name: str | None = None
 
   @nn.compact
@@ -116,13 +129,10 @@ class WideResNet(nn.Module):
     blocks_per_group = (self.depth - 4) // 6
     norm = _batch_norm(train, self.bn_momentum, self.bn_axis_name, epsilon=self.bn_epsilon)
     x = nn.Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=_conv_init_fan_out)(x)
-    for group, (width, stride) in enumerate(zip((16, 32, 64), (1, 2, 2))):
+    for width, stride in zip((16, 32, 64), (1, 2, 2)):
       for block in range(blocks_per_group):
         x = _WRNBlock(
-            filters=width * self.widen_factor,
-            stride=stride if block == 0 else 1,
-            activate_before_residual=(group == 0 and block == 0),
-            norm=norm,
+            filters=width * self.widen_factor, stride=stride if block == 0 else 1, norm=norm
         )(x)
     x = nn.leaky_relu(norm()(x), negative_slope=0.1)
     return x.mean(axis=(1, 2))

@@ -75,3 +75,16 @@ def test_every_objective_has_a_variant():
   module = _load(os.path.join(_REPO, "configs", "cifar10_lt_sup.py"))
   for name in objectives.names():
     assert module.get_config(name).objective.name == name
+
+
+def test_cifar10_ssl_unlabeled_split_option():
+  module = _load(os.path.join(_REPO, "configs", "cifar10_lt_ssl.py"))
+  inverted = module.get_config("mean_recall_min_coverage,rho_u=0.01")
+  assert (inverted.data.unlabeled_max, inverted.data.unlabeled_imbalance) == (30, 0.01)
+  # The release's values for that split and objective (MeanRecallMinCoverage.yaml).
+  assert inverted.selmix.temperature == 0.01 and inverted.selmix.learning_rate == 1e-4
+  assert inverted.objective.hparams.multiplier_max == 1000.0
+  default = module.get_config("mean_recall_min_coverage")
+  assert default.data.unlabeled_imbalance == 100.0 and default.selmix.temperature == 0.1
+  with pytest.raises(ValueError, match="rho_u=<one of 100, 1, 0.01>"):
+    module.get_config("min_recall,rho_u=10")

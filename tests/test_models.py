@@ -116,7 +116,22 @@ def test_batchnorm_modes():
 def test_wrn_bn_momentum():
   model = models.get("wrn", num_classes=3, depth=10, widen_factor=1)
   assert model.backbone.bn_momentum == 0.999
+  assert model.backbone.bn_epsilon == 1e-5  # PyTorch's, as in the authors' release
   assert models.get("resnet32", num_classes=3).backbone.bn_momentum == 0.9
+
+
+def test_wrn_projection_reads_the_preactivated_input():
+  # As in the authors' release: where a block changes width, both its first conv and its 1x1
+  # shortcut read act(bn1(x)). With bn1's scale and offset zeroed, that block (the second of
+  # WRN-10-1: 16 -> 32 channels) and so the whole network no longer depend on the input.
+  model = models.get("wrn", num_classes=3, depth=10, widen_factor=1)
+  variables = _init(model, (8, 8, 3))
+  bn1 = variables["params"]["backbone"]["_WRNBlock_1"]["BatchNorm_0"]
+  assert "Conv_2" in variables["params"]["backbone"]["_WRNBlock_1"]
+  bn1["scale"], bn1["bias"] = jnp.zeros_like(bn1["scale"]), jnp.zeros_like(bn1["bias"])
+  x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3))
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  np.testing.assert_allclose(logits[0], logits[1], atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------
