@@ -84,7 +84,7 @@ def selmix_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collection
   if not arg or arg == "pretrain":
     config.mode = "pretrain"
     return config
-  if arg not in objectives.names():
+  if not objectives.is_known(arg):
     raise ValueError(
         f"Config variant {arg!r}: expected 'pretrain' or one of {tuple(objectives.names())}."
     )

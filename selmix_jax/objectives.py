@@ -119,21 +119,17 @@ _ALIASES: dict[str, str] = {}  # alias -> registry name
 _CACHE: dict[tuple[Any, ...], Objective] = {}
 
 
-class _NameList(list):
-  """Registry names; `in` also accepts aliases, so `name in names()` validates any name
-  that `get` accepts (configs check membership before building)."""
-
-  def __contains__(self, name) -> bool:
-    return super().__contains__(name) or name in _ALIASES
-
-
 def names() -> list[str]:
   """Registry names (`Objective.name`), built-ins first in SPEC order; no aliases.
 
-  `name in names()` is also True for an alias (see `aliases()`), so a membership check
-  accepts every name that `get` accepts.
+  `get` also accepts the aliases of `aliases()`; `is_known(name)` checks either.
   """
-  return _NameList(_FACTORIES)
+  return list(_FACTORIES)
+
+
+def is_known(name: str) -> bool:
+  """Whether `get(name)` knows `name` (a registry name or an alias)."""
+  return name in _FACTORIES or name in _ALIASES
 
 
 def aliases() -> dict[str, str]:

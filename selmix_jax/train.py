@@ -63,7 +63,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "config.data.unlabeled_max > 0 (-1 = every remaining training example)."
       )
   if config.mode in ("selmix", "pretrain_and_selmix"):
-    if config.objective.name not in objectives.names():
+    if not objectives.is_known(config.objective.name):
       raise ValueError(
           f"config.objective.name={config.objective.name!r} is not a known objective; "
           f"known: {', '.join(objectives.names())}."

@@ -61,7 +61,7 @@ def test_config_loads_and_names_known_parts(path):
     assert config.data.name in data.names()
     assert config.mode in train.MODES
     if config.mode != "pretrain":
-      assert config.objective.name in objectives.names()
+      assert objectives.is_known(config.objective.name)
       objectives.get(config.objective.name, **config.objective.hparams)
 
 

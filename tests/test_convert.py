@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch  # The test extra installs it (the [torch] extra); a missing torch is a failure.
 
 from selmix_jax import checkpointing
 from selmix_jax import convert
 from selmix_jax import models
 
-torch = pytest.importorskip("torch")
 nn = torch.nn
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
