@@ -1,0 +1,272 @@
+"""Runs on pods and surviving them: 2 processes x 2 devices equal 1 x 4, SIGTERM then resume equals
+an uninterrupted run, damaged and mismatched checkpoints, one run per workdir, finished runs."""
+
+import glob
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from selmix_jax import checkpointing
+from selmix_jax import data
+from selmix_jax import finetune
+from selmix_jax import reporting
+from selmix_jax import train
+from selmix_jax import workdir as workdir_lib
+from selmix_jax.configs import default
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MAIN = os.path.join(_REPO, "launch", "main.py")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict[str, str]:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def _summary(workdir, stage="selmix"):
+  out = json.load(open(os.path.join(workdir, stage, "summary.json")))
+  out.pop("wall_time_s")
+  out.pop("config")
+  return out
+
+
+def _checkpoint(workdir, step=None):
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  step = manager.latest_step() if step is None else step
+  tree = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return step, tree
+
+
+# ---------------------------------------------------------------- 2 processes == 1 process
+
+
+_SSL_ARGS = ("--config.pretrain.num_steps=24", "--config.selmix.num_steps=8")
+
+
+def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
+  """Semi-supervised tiny run: metrics, raw confusion counts, pseudo-labels and every P (which
+  depends on the validation prototypes) are identical; only process 0 writes and prints."""
+  assert jax.local_device_count() == 4
+  config = f"--config={_REPO}/configs/default.py:tiny_ssl"
+  port = _free_port()
+  procs = [
+      subprocess.Popen(
+          [sys.executable, _MAIN, config, f"--workdir={tmp_path / 'two'}", *_SSL_ARGS,
+           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+          env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      )  # fmt: skip
+      for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=240) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  one = subprocess.run(
+      [sys.executable, _MAIN, config, f"--workdir={tmp_path / 'one'}", *_SSL_ARGS],
+      env=_env(4), capture_output=True, text=True, check=False, timeout=240,
+  )  # fmt: skip
+  assert one.returncode == 0, one.stderr[-3000:]
+
+  for stage in ("pretrain", "selmix"):
+    assert _summary(tmp_path / "two", stage) == _summary(tmp_path / "one", stage), stage
+  two_selmix = _summary(tmp_path / "two")
+  assert np.asarray(two_selmix["after"]["test"]["confusion"]).sum() == len(
+      data.build(default.get_config("tiny_ssl").data).test
+  )
+  _, state_two = _checkpoint(tmp_path / "two" / "selmix")
+  _, state_one = _checkpoint(tmp_path / "one" / "selmix")
+  np.testing.assert_array_equal(
+      state_two["selmix"]["partner_labels"], state_one["selmix"]["partner_labels"]
+  )
+  history_two = reporting.load_history(tmp_path / "two" / "selmix")
+  history_one = reporting.load_history(tmp_path / "one" / "selmix")
+  assert len(history_two) == len(history_one) == 2
+  for a, b in zip(history_two, history_one):
+    np.testing.assert_array_equal(a["pair_probs"], b["pair_probs"])
+    np.testing.assert_array_equal(a["gain"], b["gain"])
+  # Only process 0 prints the results table.
+  assert "| min_recall |" in outputs[0][0] and "| min_recall |" not in outputs[1][0]
+
+
+# ------------------------------------------------------------------- SIGTERM and resume
+
+
+def _tiny_long(**overrides):
+  config = default.get_config("tiny")
+  with config.unlocked():
+    config.selmix.num_steps = 300
+    config.selmix.checkpoint_every = 100
+    config.selmix.log_every = 1
+    for key, value in overrides.items():
+      section, name = key.split(".")
+      setattr(config[section], name, value)
+  return config
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_ends_bit_identical(tmp_path):
+  workdir = tmp_path / "preempted"
+  args = [
+      sys.executable, _MAIN, f"--config={_REPO}/configs/default.py:tiny", f"--workdir={workdir}",
+      "--config.selmix.num_steps=300", "--config.selmix.checkpoint_every=100",
+      "--config.selmix.log_every=1",
+  ]  # fmt: skip
+  proc = subprocess.Popen(args, env=_env(4), stderr=subprocess.PIPE, text=True)
+  log = []
+  deadline = time.time() + 240
+  for line in proc.stderr:  # Wait until fine-tuning is well into its first 100 steps.
+    log.append(line)
+    if "[13] train/" in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+    assert time.time() < deadline, "".join(log[-20:])
+  log.append(proc.stderr.read())
+  proc.wait(timeout=120)
+  text = "".join(log)
+  assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+  assert "Stopped by SIGTERM after step" in text
+  stopped_at = int(text.split("Stopped by SIGTERM after step ")[1].split(";")[0])
+  assert 13 <= stopped_at < 300 and stopped_at % 100
+  step, _ = _checkpoint(workdir / "selmix")
+  assert step == stopped_at, "the work since the last periodic checkpoint was not saved"
+  assert not os.path.exists(workdir / "run.json")  # Nothing claims the run finished.
+
+  resumed = subprocess.run(args, env=_env(4), capture_output=True, text=True, check=False)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Resumed SelMix fine-tuning from step {stopped_at}" in resumed.stderr
+
+  full = tmp_path / "full"
+  train.train_and_evaluate(_tiny_long(), str(full))
+  assert _summary(workdir) == _summary(full)
+  _, a = _checkpoint(workdir / "selmix")
+  _, b = _checkpoint(full / "selmix")
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+# ------------------------------------------------------------ damaged and other checkpoints
+
+
+def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_restored(tmp_path, caplog):
+  directory = str(tmp_path / "checkpoints")
+  manager = checkpointing.make_manager(directory)
+  for step in (5, 10):
+    checkpointing.save(manager, step, {"state": {"w": np.full((3, 4), float(step))}})
+  manager.wait_until_finished()
+  manager.close()
+  # Truncate the data files of the newest step.
+  data_files = [
+      f for f in glob.glob(os.path.join(directory, "10", "**", "*"), recursive=True)
+      if os.path.isfile(f) and "/d/" in f
+  ]  # fmt: skip
+  assert data_files
+  for name in data_files:
+    with open(name, "r+b") as f:
+      f.truncate(3)
+
+  manager = checkpointing.make_manager(directory)
+  with caplog.at_level(logging.WARNING):
+    tree, step = checkpointing.restore_latest(manager, {"state": {"w": np.zeros((3, 4))}})
+  assert step == 5
+  assert any("Checkpoint step 10" in r.getMessage() and "cannot be read" in r.getMessage()
+             for r in caplog.records)
+  np.testing.assert_array_equal(tree["state"]["w"], np.full((3, 4), 5.0))
+  (moved,) = glob.glob(os.path.join(f"{directory}.damaged", "10-*"))
+  assert os.listdir(moved), "the damaged step is kept, not deleted"
+  assert manager.all_steps() == [5]
+  manager.close()
+
+
+def test_resuming_with_another_model_fails_before_compute_naming_workdir_and_shapes(tmp_path):
+  config = default.get_config("tiny")
+  with config.unlocked():
+    config.mode = "pretrain"
+    config.pretrain.num_steps = 6
+  train.train_and_evaluate(config, str(tmp_path))
+  os.remove(tmp_path / "run.json")  # As after a killed run: checkpoints, no finished marker.
+  events = set(glob.glob(str(tmp_path / "events.out.tfevents.*")))
+  with config.unlocked():
+    config.model.kwargs.width = 16
+    config.pretrain.num_steps = 12
+  with pytest.raises(checkpointing.CheckpointMismatchError) as error:
+    train.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  assert str(tmp_path / "checkpoints") in message
+  assert "'state/" in message and "has shape (8,) in the checkpoint but (16,)" in message
+  assert set(glob.glob(str(tmp_path / "events.out.tfevents.*"))) == events
+
+
+# ------------------------------------------------------------- one run per workdir, finished
+
+
+def test_a_second_run_on_a_locked_workdir_fails_at_once_naming_the_pid(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c",
+       "import sys, time; from selmix_jax import workdir\n"
+       "with workdir.lock(sys.argv[1]):\n  print('locked', flush=True); time.sleep(60)",
+       str(tmp_path)],
+      stdout=subprocess.PIPE, text=True, cwd=_REPO,
+  )  # fmt: skip
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    start = time.time()
+    second = subprocess.run(
+        [sys.executable, _MAIN, f"--config={_REPO}/configs/default.py:tiny",
+         f"--workdir={tmp_path}"],
+        capture_output=True, text=True, check=False, env=_env(4),
+    )  # fmt: skip
+    assert second.returncode != 0
+    assert f"in use by PID {holder.pid}" in second.stderr
+    assert time.time() - start < 60 and not os.path.exists(tmp_path / "pretrain")
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  with open(tmp_path / workdir_lib.LOCK_FILE, "w") as f:
+    json.dump({"pid": dead.pid, "host": socket.gethostname(), "started": 0}, f)
+  with workdir_lib.lock(str(tmp_path)):
+    assert json.load(open(tmp_path / workdir_lib.LOCK_FILE))["pid"] == os.getpid()
+  assert not os.path.exists(tmp_path / workdir_lib.LOCK_FILE)
+  assert glob.glob(str(tmp_path / f"{workdir_lib.LOCK_FILE}.stale-{dead.pid}"))
+
+
+def test_a_finished_run_reports_its_stored_results_without_computing(tmp_path, monkeypatch,
+                                                                     capsys):
+  config = default.get_config("tiny")
+  result = train.train_and_evaluate(config, str(tmp_path))
+  capsys.readouterr()
+
+  def no_compute(*args, **kwargs):
+    raise AssertionError("a finished run must not load data or train again")
+
+  monkeypatch.setattr(data, "build", no_compute)
+  monkeypatch.setattr(finetune, "run", no_compute)
+  again = train.train_and_evaluate(default.get_config("tiny"), str(tmp_path))
+  assert again["after"]["test"]["confusion"] == reporting.to_python(
+      result["after"]["test"]["confusion"]
+  )
+  assert "| min_recall |" in capsys.readouterr().out
+  other = default.get_config("tiny")
+  with other.unlocked():
+    other.selmix.num_steps = 20
+  with pytest.raises(ValueError, match=r"config.selmix.num_steps is 12 there and 20 here"):
+    train.train_and_evaluate(other, str(tmp_path))
