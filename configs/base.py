@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.selmix.bn_stats = "batch"
   config.selmix.refresh_every = 50
   config.selmix.temperature = 0.1
+  # 'absolute': P ∝ exp(G / T) (SPEC); 'max_gain': T relative to the largest positive gain, so the
+  # same T concentrates P the same way at any gain scale (objective, K, feature norm).
+  config.selmix.temperature_scale = "absolute"
   config.selmix.floor = ml_collections.FieldReference(None, field_type=float)  # None -> 1/K
   config.selmix.gain_form = "exact"  # or 'reference' (the authors' release)
   config.selmix.train_bias = False

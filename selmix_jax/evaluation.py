@@ -10,6 +10,10 @@ run computes exactly what one process computes over the same devices.
 
 import dataclasses
 import functools
+import hashlib
+import json
+import os
+import time
 from typing import Any, Callable
 
 from absl import logging
@@ -78,7 +82,16 @@ def make_p_eval_step(model, *, num_classes: int, preprocess_fn: Callable[..., An
 _add = jax.jit(lambda a, b: jax.tree.map(jax.numpy.add, a, b))
 
 
-def evaluate(p_eval_step, variables_repl, source, indices, *, batch_size: int) -> EvalResult:
+def evaluate(
+    p_eval_step,
+    variables_repl,
+    source,
+    indices,
+    *,
+    batch_size: int,
+    name: str = "",
+    announce: bool = True,
+) -> EvalResult:
   """Runs one exact pass over `source[indices]`, each process over its share of every batch.
 
   Counts stay on the devices until the pass ends: integer counts are psum'd over all devices
@@ -93,8 +106,12 @@ def evaluate(p_eval_step, variables_repl, source, indices, *, batch_size: int) -
     source: a data source (see `selmix_jax.data.sources`).
     indices: `[N]` example indices into `source`.
     batch_size: global evaluation batch size (divisible by the number of devices).
+    name: what is evaluated, for the progress log ('' logs nothing).
+    announce: with a `name`, also log the end of the pass (progress is logged every 30 s).
   """
   totals, preds, max_prob, masks = None, [], [], []
+  num_batches = -(-len(indices) // batch_size)
+  start = last_log = time.monotonic()
   for batch in pipeline.eval_batches(
       source,
       indices,
@@ -109,6 +126,9 @@ def evaluate(p_eval_step, variables_repl, source, indices, *, batch_size: int) -
     preds.append(train_state.local_replicas(out["preds"]).reshape(-1))
     max_prob.append(train_state.local_replicas(out["max_prob"]).reshape(-1))
     masks.append(np.asarray(batch["mask"]).reshape(-1))
+    if name and time.monotonic() - last_log > 30:
+      last_log = time.monotonic()
+      logging.info("Evaluating %s: batch %d/%d.", name, len(preds), num_batches)
   if totals is None:
     raise ValueError("Cannot evaluate an empty split.")
   # Per device [n_local, K, D] -> every device of every process, in global order.
@@ -129,6 +149,10 @@ def evaluate(p_eval_step, variables_repl, source, indices, *, batch_size: int) -
         f"Evaluation counted {result.confusion.sum()} examples and {len(result.preds)} "
         f"predictions, expected {len(indices)}."
     )
+  if name and announce:
+    logging.info(
+        "Evaluated %s: %d examples in %.1f s.", name, len(indices), time.monotonic() - start
+    )
   return result
 
 
@@ -139,9 +163,14 @@ def _gather_processes(x: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x))
 
 
-def evaluate_split(p_eval_step, variables_repl, split, *, batch_size: int) -> EvalResult:
+def evaluate_split(
+    p_eval_step, variables_repl, split, *, batch_size: int, name: str = "", announce: bool = True
+) -> EvalResult:
   """`evaluate` over a `data.pipeline.Split` (its source and indices)."""
-  return evaluate(p_eval_step, variables_repl, split.source, split.indices, batch_size=batch_size)
+  return evaluate(
+      p_eval_step, variables_repl, split.source, split.indices, batch_size=batch_size, name=name,
+      announce=announce,
+  )
 
 
 class Evaluator:
@@ -160,8 +189,64 @@ class Evaluator:
     self.batch_size = batch_size
     self.use_ema = use_ema
 
-  def __call__(self, state_repl, split, *, name: str = "") -> EvalResult:
-    if name:
+  def __call__(self, state_repl, split, *, name: str = "", announce: bool = True) -> EvalResult:
+    """Evaluates `split`; with a `name`, logs progress every 30 s and (if `announce`) the
+    start and end of the pass."""
+    if name and announce:
       logging.info("Evaluating %s (%d examples).", name, len(split))
     variables = state_repl.eval_variables(use_ema=self.use_ema)
-    return evaluate_split(self.p_eval_step, variables, split, batch_size=self.batch_size)
+    return evaluate_split(
+        self.p_eval_step, variables, split, batch_size=self.batch_size, name=name,
+        announce=announce,
+    )
+
+
+class EvalCache:
+  """Evaluation passes of one starting checkpoint, stored beside it and shared by every run.
+
+  Every fine-tuning run from a checkpoint starts with the same passes (the "before" validation
+  and test metrics, the first refresh's validation counts and pseudo-labels). They are exact
+  functions of the checkpoint step, the weights used (EMA or raw), the model and the data
+  split, which form the key; a run finds them in `<checkpoint dir>.eval_cache/` and skips them.
+  A directory that cannot be written (a read-only checkpoint) only disables the cache.
+  """
+
+  def __init__(self, checkpoint_dir: str, key: Any):
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    self.directory = f"{os.path.abspath(checkpoint_dir).rstrip(os.sep)}.eval_cache"
+    self.prefix = os.path.join(self.directory, digest[:16])
+
+  def _path(self, split_name: str) -> str:
+    return f"{self.prefix}-{split_name}.npz"
+
+  def load(self, split_name: str) -> EvalResult | None:
+    """The stored pass over `split_name`, or None (the same answer on every process)."""
+    path = self._path(split_name)
+    hit = os.path.exists(path)
+    if jax.process_count() > 1:  # Every process must run the same passes (collectives).
+      hit = bool(multihost_utils.broadcast_one_to_all(np.int32(hit)))
+    if not hit:
+      return None
+    with np.load(path) as stored:
+      result = EvalResult(**{f.name: stored[f.name] for f in dataclasses.fields(EvalResult)})
+    logging.info("Evaluation of %s at the starting checkpoint read from %s.", split_name, path)
+    return result
+
+  def save(self, split_name: str, result: EvalResult) -> None:
+    if jax.process_index() != 0:
+      return
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      tmp = f"{self._path(split_name)}.tmp{os.getpid()}.npz"
+      np.savez(tmp, **dataclasses.asdict(result))
+      os.replace(tmp, self._path(split_name))
+    except OSError as e:
+      logging.warning("Cannot cache evaluations in %s (%s); continuing without.", self.directory, e)
+
+  def evaluate(self, evaluator: Evaluator, state_repl, split, split_name: str) -> EvalResult:
+    """The stored pass over `split`, or a new one (then stored)."""
+    result = self.load(split_name)
+    if result is None:
+      result = evaluator(state_repl, split, name=f"{split_name} (starting checkpoint)")
+      self.save(split_name, result)
+    return result

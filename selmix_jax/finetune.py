@@ -33,6 +33,7 @@ from selmix_jax import objectives
 from selmix_jax import optim
 from selmix_jax import pairs
 from selmix_jax import reporting
+from selmix_jax import sampling
 from selmix_jax import selmix_state
 from selmix_jax import steps
 from selmix_jax import train_state
@@ -62,13 +63,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   evaluate = evaluation.Evaluator(model, ds, batch_size=config.eval_batch_size)
   writer = loop.Writer(workdir)
   r = _Run(config, ds, partner, objective, evaluate, writer, manager, workdir, **restored)
-  before = _before(workdir, evaluate, r.state_repl, ds, fresh=resumed_at is None)
+  before = _before(config, workdir, r, pre_step, fresh=resumed_at is None)
   try:
     step, stopped = loop.run(
         start_step=int(resumed_at or 0),
         num_steps=cfg.num_steps,
         train_step=r.train_step,
-        before_step=[loop.Periodic(cfg.refresh_every, r.refresh)],
+        # Controls that sample no P need no refresh (unless their partners are pseudo-labelled).
+        before_step=[loop.Periodic(cfg.refresh_every if r.needs_refresh else 0, r.refresh)],
         after_step=[
             loop.Periodic(cfg.log_every, r.log, at_end=True),
             loop.Periodic(cfg.eval_every, r.evaluate_test),
@@ -80,11 +82,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
     manager.wait_until_finished()  # On any exit, let an in-flight asynchronous save finish.
     manager.close()
 
-  after = {s: evaluate(r.state_repl, getattr(ds, s)).summary() for s in ("val", "test")}
+  after = {
+      s: evaluate(r.state_repl, getattr(ds, s), name=f"{s} (final)").summary()
+      for s in ("val", "test")
+  }
   writer.scalars(step, reporting.flat_scalars("final_test", after["test"]))
   writer.close()
   result = {
-      "objective": objective.name,
+      "objective": objective.name if r.strategy.uses_pair_probs else "none",
+      "method": r.method,
       "before": before,
       "after": after,
       "target_before": _target(objective, before["test"]["confusion"]),
@@ -122,11 +128,17 @@ class _Run:
     )
     self.refresh_fn = selmix_state.make_refresh_fn(
         objective, mix_weight=(cfg.mix_weight_min + 1.0) / 2.0, temperature=cfg.temperature,
-        form=cfg.gain_form, train_bias=cfg.train_bias, chunk_size=cfg.gain_chunk_size,
+        temperature_scale=cfg.temperature_scale, form=cfg.gain_form, train_bias=cfg.train_bias,
+        chunk_size=cfg.gain_chunk_size,
     )
     self.strategy = pairs.get(cfg.pairs)(
         ds.labeled.labels, selmix.partner_labels, num_classes=ds.num_classes, floor=cfg.floor
     ).refreshed(selmix.pair_probs, selmix.partner_labels)
+    self.pseudo = cfg.partner_pool == "unlabeled" and cfg.partner_labels == "pseudo"
+    self.needs_refresh = self.strategy.uses_pair_probs or self.pseudo
+    self.method = _method(cfg, objective, self.strategy)
+    self.initial = {}  # Passes over the starting model that the step-0 refresh reuses.
+    self.warned_uniform = False
 
   def train_step(self, step):
     idx1, idx2 = self.strategy.sample(self.cfg.batch_size, seed=self.seed, step=step)
@@ -137,10 +149,20 @@ class _Run:
   def refresh(self, step):
     """Validation pass -> new SelMixState (and pseudo-labels) -> the strategy's next table."""
     cfg, ds = self.cfg, self.ds
-    val = self.evaluate(self.state_repl, ds.val)
+    initial, self.initial = (self.initial if step == 0 else {}), {}
     partner_labels = self.selmix.partner_labels
-    if cfg.partner_pool == "unlabeled" and cfg.partner_labels == "pseudo":
-      partner_labels = self.evaluate(self.state_repl, self.partner).preds.astype(np.int32)
+    if self.pseudo:
+      unlabeled = initial.get("unlabeled") or self.evaluate(
+          self.state_repl, self.partner, name=f"unlabeled pool (step {step})", announce=False
+      )
+      partner_labels = unlabeled.preds.astype(np.int32)
+    if not self.strategy.uses_pair_probs:  # A control: new partner labels only.
+      self.selmix = self.selmix.replace(partner_labels=partner_labels)
+      self.strategy = self.strategy.refreshed(self.selmix.pair_probs, partner_labels)
+      return None
+    val = initial.get("val") or self.evaluate(
+        self.state_repl, ds.val, name=f"validation (step {step})", announce=False
+    )
     head = train_state.unreplicate(self.state_repl.params)["head"]
     self.selmix = selmix_state.to_host(self.refresh_fn(
         self.selmix,
@@ -162,16 +184,31 @@ class _Run:
   def _report_refresh(self, step, val):
     sel, summary = self.selmix, val.summary()
     target = float(_target(self.objective, val.confusion)["target"])
+    spread = sampling.concentration(sel.pair_probs)
     self.writer.scalars(step, {
         **reporting.flat_scalars("val", summary),
         "selmix/max_gain": sel.max_gain,
         "selmix/positive_gain_pairs": float(np.mean(sel.gain > 0)),
         "selmix/val_target": target,
+        "selmix/effective_pairs": spread["effective_pairs"],
+        "selmix/support_pairs": spread["support"],
+        "selmix/top1_mass": spread["top1_mass"],
+        "selmix/top10_mass": spread["top10_mass"],
     })
     logging.info(
-        "Refresh at step %d: val target %.4f, mean recall %.4f, min recall %.4f, max gain %.3g.",
-        step, target, float(summary["mean_recall"]), float(summary["min_recall"]), sel.max_gain,
+        "Refresh at step %d: val target %.4f, mean recall %.4f, min recall %.4f, max gain %.3g, "
+        "P: %.1f effective pairs of %d.", step, target, float(summary["mean_recall"]),
+        float(summary["min_recall"]), sel.max_gain, spread["effective_pairs"], spread["support"],
     )
+    if spread["near_uniform"] and spread["support"] > 1 and not self.warned_uniform:
+      self.warned_uniform = True
+      logging.warning(
+          "P is within 5%% of uniform over its %d positive-gain pairs (max gain %.3g against "
+          "temperature %g, scale %r): SelMix is mixing like uniform mixup here. A smaller "
+          "config.selmix.temperature, or config.selmix.temperature_scale='max_gain' (T relative "
+          "to the largest gain), concentrates it.", spread["support"], sel.max_gain,
+          self.cfg.temperature, self.cfg.temperature_scale,
+      )
     if jax.process_index() == 0:
       reporting.save_refresh(self.workdir, step, {
           "step": np.asarray(step),
@@ -228,13 +265,39 @@ def _pretrained_state(config, model, ds) -> tuple[train_state.TrainState, int]:
   return train_state.from_variables(model, variables, tx), pre_step
 
 
-def _before(workdir, evaluate, state_repl, ds, *, fresh: bool) -> dict[str, Any]:
-  """Validation and test metrics of the starting model (stored in `before.json` for a resume)."""
+def _before(config, workdir, r, pre_step, *, fresh: bool) -> dict[str, Any]:
+  """Validation and test metrics of the starting model (`before.json`, for a resume).
+
+  The passes come from the starting checkpoint's `evaluation.EvalCache` when an earlier run from
+  it made them; the validation (and unlabeled) pass also feed the step-0 refresh.
+  """
   if not fresh:
     return reporting.load_json(os.path.join(workdir, "before.json"))
-  before = {split: evaluate(state_repl, getattr(ds, split)).summary() for split in ("val", "test")}
+  cache = evaluation.EvalCache(
+      config.selmix.init_checkpoint,
+      {"step": pre_step, "ema": config.selmix.use_ema, "model": config.model.to_dict(),
+       "data": config.data.to_dict()},
+  )  # fmt: skip
+  passes = {"val": r.ds.val, "test": r.ds.test}
+  if r.pseudo:
+    passes["unlabeled"] = r.partner
+  results = {name: cache.evaluate(r.evaluate, r.state_repl, split, name)
+             for name, split in passes.items()}  # fmt: skip
+  r.initial = {k: v for k, v in results.items() if k != "test"}
+  before = {split: results[split].summary() for split in ("val", "test")}
   reporting.save_json(workdir, "before.json", before)
   return before
+
+
+def _method(cfg, objective, strategy) -> str:
+  """What a run is, for tables and plots: SelMix for an objective, or the control it is."""
+  if strategy.uses_pair_probs:
+    return f"SelMix ({objective.name})"
+  if cfg.pairs == "uniform":
+    return "uniform mixup"
+  if cfg.pairs == "instance":
+    return "CE fine-tuning" if cfg.mix_weight_min >= 1.0 else "instance mixup"
+  return f"control: {cfg.pairs} pairs"
 
 
 def _pair_batch(ds, partner, idx1, idx2) -> dict[str, np.ndarray]:

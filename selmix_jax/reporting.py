@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from selmix_jax import metrics
+from selmix_jax import sampling
 
 
 def to_python(tree: Any) -> Any:
@@ -102,51 +103,129 @@ def _pyplot():
   return plt
 
 
+_MANY_CLASSES = 30  # Above this, one bar group per class is no longer readable.
+
+
 def plot_recalls(
     path: str,
     recalls: Mapping[str, Sequence[float]],
     *,
     class_names: Sequence[str] | None = None,
+    head_mask: Sequence[bool] | None = None,
     title: str = "Per-class recall",
-) -> None:
-  """Grouped bar chart of per-class recall, one bar group per class, one colour per run."""
+    num_worst: int = 20,
+) -> list[str]:
+  """Per-class recall of one or more runs (e.g. before / after), readable at any K.
+
+  Up to 30 classes: one bar group per class, named, with the head/tail split marked. More
+  classes: two panels of fixed size, (left) every class's recall in class order — classes are
+  ordered from most to least frequent, so the tail is on the right of the marked split — and
+  (right) the `num_worst` classes of the last run with their names and every run's recall.
+
+  Args:
+    path: output PNG.
+    recalls: run name -> `[K]` recalls in [0, 1] (NaN for an absent class).
+    class_names: K names (default '0'..'K-1').
+    head_mask: `[K]` bool head classes (default: the first `int(0.9 K)`, SPEC §2).
+    title: figure title.
+    num_worst: classes in the right panel when K is large.
+
+  Returns:
+    The class names shown by name: all of them, or the worst ones in the order drawn.
+  """
   plt = _pyplot()
   runs = list(recalls)
-  num_classes = len(next(iter(recalls.values())))
+  values = {run: np.asarray(recalls[run], dtype=float) * 100.0 for run in runs}
+  num_classes = len(values[runs[0]])
   names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
-  width = 0.8 / max(1, len(runs))
-  fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * num_classes + 2), 3.5))
-  x = np.arange(num_classes)
-  for r, run in enumerate(runs):
-    values = np.nan_to_num(np.asarray(recalls[run], dtype=float) * 100.0)
-    ax.bar(x + (r - (len(runs) - 1) / 2) * width, values, width, label=run)
-  if num_classes <= 40:
+  head = np.asarray(
+      metrics.default_head_mask(num_classes) if head_mask is None else head_mask, bool
+  )
+  num_head = int(head.sum())
+  contiguous_head = bool(head[:num_head].all())
+  if num_classes <= _MANY_CLASSES:
+    width = 0.8 / max(1, len(runs))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * num_classes + 2), 3.8))
+    x = np.arange(num_classes)
+    for r, run in enumerate(runs):
+      ax.bar(x + (r - (len(runs) - 1) / 2) * width, np.nan_to_num(values[run]), width, label=run)
     long_names = num_classes > 10 or max(len(n) for n in names) > 5
     ax.set_xticks(
         x, names, rotation=35 if long_names else 0, ha="right" if long_names else "center"
     )
-  ax.set_ylabel("recall (%)")
-  ax.set_ylim(0, 100)
-  ax.set_title(title)
-  ax.legend(loc="lower left")
-  ax.grid(axis="y", alpha=0.3)
+    _mark_tail(ax, head, num_head, contiguous_head)
+    ax.set_ylabel("recall (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(loc="lower left", fontsize="small")
+    ax.grid(axis="y", alpha=0.3)
+    shown = names
+  else:
+    fig, (ax, worst_ax) = plt.subplots(
+        1, 2, figsize=(13.0, 5.0), gridspec_kw={"width_ratios": [3, 2]}
+    )
+    x = np.arange(num_classes)
+    for run in runs:
+      ax.plot(x, values[run], marker=".", ms=3, lw=0.8, label=run)
+    _mark_tail(ax, head, num_head, contiguous_head)
+    ax.set_xlabel("class (ordered from most to least frequent)")
+    ax.set_ylabel("recall (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(-0.5, num_classes - 0.5)
+    ax.set_title(f"{title}: all {num_classes} classes")
+    ax.legend(loc="lower left", fontsize="small")
+    ax.grid(alpha=0.3)
+    last = np.where(np.isnan(values[runs[-1]]), np.inf, values[runs[-1]])
+    order = np.argsort(last, kind="stable")[:num_worst][::-1]  # Worst at the top.
+    height = 0.8 / max(1, len(runs))
+    y = np.arange(len(order))
+    for r, run in enumerate(runs):
+      worst_ax.barh(
+          y + (r - (len(runs) - 1) / 2) * height, np.nan_to_num(values[run][order]), height,
+          label=run,
+      )
+    shown = [f"{names[k]} ({'tail' if not head[k] else 'head'})" for k in order]
+    worst_ax.set_yticks(y, shown, fontsize="small")
+    worst_ax.set_xlim(0, 100)
+    worst_ax.set_xlabel("recall (%)")
+    worst_ax.set_title(f"the {len(order)} worst classes of {runs[-1]!r}")
+    worst_ax.grid(axis="x", alpha=0.3)
+    shown = shown[::-1]
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+  return shown
+
+
+def _mark_tail(ax, head, num_head, contiguous_head) -> None:
+  """Shades the tail classes (a dashed line at the split when the head comes first)."""
+  if contiguous_head and 0 < num_head < len(head):
+    ax.axvline(num_head - 0.5, color="k", ls="--", lw=0.8)
+    ax.axvspan(num_head - 0.5, len(head) - 0.5, color="0.9", zorder=0)
+    ax.text(num_head - 0.3, 97, "tail", fontsize="small", va="top")
+  else:
+    for k in np.flatnonzero(~head):
+      ax.axvspan(k - 0.5, k + 0.5, color="0.9", zorder=0)
 
 
 def plot_pair_probs(
     path: str,
     snapshots: Sequence[tuple[int, np.ndarray]],
     *,
+    class_names: Sequence[str] | None = None,
     max_panels: int = 6,
 ) -> None:
   """Heatmaps of the pair distribution P (rows: class of x1, columns: class of x2) over time.
+
+  Each panel is titled with its step and how concentrated P is (effective number of pairs,
+  `exp` of its entropy, out of the pairs it supports); class names label the axes up to 20
+  classes, otherwise ticks mark class indices (classes ordered from most to least frequent).
 
   Args:
     path: output PNG.
     snapshots: `(step, pair_probs [K, K])` in step order; at most `max_panels` evenly spaced
       ones are drawn (always including the last).
+    class_names: K names for the axes (used when K <= 20).
     max_panels: panel limit.
   """
   plt = _pyplot()
@@ -155,15 +234,25 @@ def plot_pair_probs(
   picks = np.unique(np.linspace(0, len(snapshots) - 1, min(max_panels, len(snapshots))).astype(int))
   chosen = [snapshots[i] for i in picks]
   vmax = max(float(np.max(p)) for _, p in chosen)
+  num_classes = np.shape(chosen[0][1])[0]
   fig, axes = plt.subplots(
-      1, len(chosen), figsize=(2.6 * len(chosen) + 1.2, 3.0), squeeze=False, layout="constrained"
+      1, len(chosen), figsize=(2.8 * len(chosen) + 1.4, 3.4), squeeze=False, layout="constrained"
   )
   image = None
   for ax, (step, probs) in zip(axes[0], chosen):
-    image = ax.imshow(np.asarray(probs), cmap="viridis", vmin=0.0, vmax=vmax)
-    ax.set_title(f"step {step}")
-    ax.set_xlabel("class of x2")
-  axes[0][0].set_ylabel("class of x1 (label)")
+    probs = np.asarray(probs, np.float64)
+    image = ax.imshow(probs, cmap="viridis", vmin=0.0, vmax=vmax)
+    spread = sampling.concentration(probs)
+    ax.set_title(
+        f"step {step}\n{spread['effective_pairs']:.1f} eff. pairs of {spread['support']}",
+        fontsize="small",
+    )
+    ax.set_xlabel("class of x2 (partner)")
+    if class_names is not None and num_classes <= 20:
+      ticks = np.arange(num_classes)
+      ax.set_xticks(ticks, list(class_names), rotation=90, fontsize="x-small")
+      ax.set_yticks(ticks, list(class_names), fontsize="x-small")
+  axes[0][0].set_ylabel("class of x1 (label kept)")
   fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label="P(i, j)")
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -202,7 +291,7 @@ def plot_selmix_run(workdir: str, result: Mapping[str, Any], class_names) -> Non
       os.path.join(workdir, "recalls.png"),
       {
           "pre-trained": result["before"]["test"]["recall"],
-          f"SelMix ({result['objective']})": result["after"]["test"]["recall"],
+          result["method"]: result["after"]["test"]["recall"],
       },
       class_names=class_names,
       title="Per-class test recall",
@@ -214,6 +303,7 @@ def plot_selmix_run(workdir: str, result: Mapping[str, Any], class_names) -> Non
   plot_pair_probs(
       os.path.join(workdir, "pair_probs.png"),
       [(step, h["pair_probs"]) for step, h in zip(refresh_steps, history)],
+      class_names=class_names,
   )
   plot_curves(
       os.path.join(workdir, "refresh_curves.png"),

@@ -90,6 +90,7 @@ def make_refresh_fn(
     *,
     mix_weight: float,
     temperature: float,
+    temperature_scale: str = "absolute",
     form: str = "exact",
     train_bias: bool = False,
     chunk_size: int | None = None,
@@ -103,6 +104,8 @@ def make_refresh_fn(
     objective: the objective (its `value` is differentiated, its multiplier rule applied).
     mix_weight: `λ̄ = (mix_weight_min + 1) / 2` of the gain estimate.
     temperature: temperature of P.
+    temperature_scale: 'absolute' (SPEC: P ∝ exp(G / T)) or 'max_gain' (T relative to the
+      largest positive gain); see `gains.pair_distribution`.
     form: gain form, 'exact' (SPEC) or 'reference' (the authors' release).
     train_bias: whether the gain's SGD step also moves the head bias.
     chunk_size: row block of the gain's softmax (None = automatic).
@@ -116,6 +119,7 @@ def make_refresh_fn(
       objective.value,
       mix_weight=mix_weight,
       temperature=temperature,
+      temperature_scale=temperature_scale,
       form=form,
       train_bias=train_bias,
       chunk_size=chunk_size,

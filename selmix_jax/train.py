@@ -155,12 +155,12 @@ def _run(config, workdir, datasets) -> tuple[dict[str, Any], str]:
   table = reporting.metrics_table(
       {
           "pre-trained (test)": result["before"]["test"],
-          f"SelMix {result['objective']} (test)": result["after"]["test"],
+          f"{result['method']} (test)": result["after"]["test"],
       }
   )
-  title = f"# {name}: pre-train -> SelMix ({result['objective']})"
+  title = f"# {name}: pre-train -> {result['method']}"
   if config.mode == "selmix":
-    title = f"# {name}: SelMix ({result['objective']}) from {config.selmix.init_checkpoint}"
+    title = f"# {name}: {result['method']} from {config.selmix.init_checkpoint}"
   text = f"{title}\n\nMetrics ×100 on the test split ({result['steps']} fine-tuning steps).\n\n"
   return result, text + table + "\n"
 

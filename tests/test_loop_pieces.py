@@ -229,3 +229,28 @@ def test_replicate_and_unreplicate():
   assert repl["a"].shape == (jax.local_device_count(), 3)
   assert len(repl["a"].sharding.device_set) == jax.local_device_count() > 1
   jax.tree.map(np.testing.assert_array_equal, train_state.unreplicate(repl), tree)
+
+
+# ------------------------------------------------------------------------- pictures
+
+
+def test_recall_plot_stays_readable_at_large_k(tmp_path):
+  import PIL.Image  # pylint: disable=g-import-not-at-top
+
+  from selmix_jax import reporting  # pylint: disable=g-import-not-at-top
+
+  k = 200
+  before = np.linspace(0.9, 0.3, k)
+  after = before.copy()
+  after[[5, 150, 190]] = [0.01, 0.02, 0.03]  # the three worst classes after fine-tuning
+  after[7] = np.nan  # an absent class is not "worst"
+  names = [f"class_{i:03d}" for i in range(k)]
+  shown = reporting.plot_recalls(
+      str(tmp_path / "r.png"), {"before": before, "after": after}, class_names=names
+  )
+  assert shown[:3] == ["class_005 (head)", "class_150 (head)", "class_190 (tail)"]
+  assert len(shown) == 20
+  width, height = PIL.Image.open(tmp_path / "r.png").size
+  assert width <= 1600 and height <= 700  # was 12,240 x 420 px at K = 200
+  few = reporting.plot_recalls(str(tmp_path / "f.png"), {"a": before[:10]}, class_names=names[:10])
+  assert few == names[:10]

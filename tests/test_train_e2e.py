@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 
 import jax
@@ -12,6 +13,8 @@ import pytest
 from selmix_jax.configs import default
 from selmix_jax import data
 from selmix_jax import finetune
+from selmix_jax import reporting
+from selmix_jax import sampling
 from selmix_jax import train
 
 
@@ -156,3 +159,52 @@ def test_semi_supervised_path_uses_pseudo_labelled_partners(tmp_path):
   true_labels = data.build(config.data).unlabeled.labels
   np.testing.assert_array_equal(oracle_state["partner_labels"], true_labels)
   assert not np.array_equal(partner_labels, true_labels)  # the pseudo-labels differ somewhere
+
+
+def _selmix_from(full_dir, tmp_path, name, **selmix_fields):
+  config = default.get_config("tiny")
+  with config.unlocked():
+    config.mode = "selmix"
+    config.selmix.init_checkpoint = os.path.join(full_dir, "pretrain", "checkpoints")
+    for key, value in selmix_fields.items():
+      setattr(config.selmix, key, value)
+  workdir = str(tmp_path / name)
+  return train.train_and_evaluate(config, workdir), workdir
+
+
+def test_controls_are_reported_as_controls_and_skip_refreshes(uninterrupted, tmp_path, caplog):
+  full_dir, _ = uninterrupted
+  with caplog.at_level(logging.INFO):
+    result, workdir = _selmix_from(full_dir, tmp_path, "uniform", pairs="uniform")
+  assert result["objective"] == "none" and result["method"] == "uniform mixup"
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary["objective"] == "none" and summary["method"] == "uniform mixup"
+  assert not any("Refresh at step" in r.getMessage() for r in caplog.records)
+  assert not os.path.exists(os.path.join(workdir, "pair_probs.png"))
+  assert not glob.glob(os.path.join(workdir, "selmix_history", "*"))
+  assert os.path.isfile(os.path.join(workdir, "recalls.png"))
+  assert "uniform mixup (test)" in open(os.path.join(workdir, "results.md")).read()
+  # The starting model's passes came from the cache the first run left beside the checkpoint.
+  assert any("read from" in r.getMessage() and "eval_cache" in r.getMessage()
+             for r in caplog.records)
+  ce, _ = _selmix_from(full_dir, tmp_path, "ce", pairs="instance", mix_weight_min=1.0)
+  assert ce["method"] == "CE fine-tuning"
+
+
+def test_a_near_uniform_p_is_reported_and_max_gain_temperature_concentrates_it(
+    uninterrupted, tmp_path, caplog
+):
+  full_dir, _ = uninterrupted
+  with caplog.at_level(logging.WARNING):
+    _, hot = _selmix_from(full_dir, tmp_path, "hot", temperature=1e4)
+  warnings = [r.getMessage() for r in caplog.records if "within 5% of uniform" in r.getMessage()]
+  assert len(warnings) == 1 and "temperature_scale='max_gain'" in warnings[0]
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    _, scaled = _selmix_from(full_dir, tmp_path, "scaled", temperature=0.1,
+                             temperature_scale="max_gain")
+  assert not any("within 5% of uniform" in r.getMessage() for r in caplog.records)
+  flat = sampling.concentration(reporting.load_history(hot)[0]["pair_probs"])
+  sharp = sampling.concentration(reporting.load_history(scaled)[0]["pair_probs"])
+  assert flat["near_uniform"] and not sharp["near_uniform"]
+  assert sharp["effective_pairs"] < 0.5 * flat["effective_pairs"]
