@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 runs=${1:-runs/cifar10_lt_cpu}
 shift || true
 seeds=${*:-0 1 2}
-variants="min_recall mean_recall gmean hmean mean_recall_min_coverage plain_ft uniform_mixup"
+variants=${VARIANTS:-"min_recall mean_recall min_head_tail_recall gmean hmean mean_recall_min_coverage plain_ft uniform_mixup"}
 export TF_CPP_MIN_LOG_LEVEL=2
 mkdir -p "$runs"
 
@@ -52,4 +52,4 @@ if [[ ${DIAGNOSTICS:-0} == 1 ]]; then
   python benchmarks/recall_spread.py "$runs"/seed*/min_recall/summary.json \
     "$runs"/oracle/seed*/min_recall/summary.json | tee "$runs/recall_spread.md"
 fi
-python benchmarks/cifar10_lt_table.py "$runs" | tee "$runs/results.md"
+python benchmarks/cifar10_lt_table.py "$runs"/seed* "$runs"/ssl | tee "$runs/results.md"

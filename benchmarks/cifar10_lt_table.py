@@ -1,8 +1,16 @@
-"""Results table of `benchmarks/cifar10_lt_cpu.sh`: test metrics, mean ± std over seeds.
+"""Results tables of fine-tuning runs: test metrics (mean ± std over seeds) and each objective's
+own target against the controls.
 
-  python benchmarks/cifar10_lt_table.py runs/cifar10_lt_cpu
+  python benchmarks/cifar10_lt_table.py RUN [RUN ...]
+
+Each RUN is a run directory (a fine-tuning workdir with `summary.json`, or a `pretrain_and_selmix`
+workdir with `selmix/summary.json`), or any folder above such directories, searched recursively.
+Runs are grouped by their starting checkpoint and what they are (SelMix for an objective, or a
+control); seeds of one group are aggregated. Every objective is covered, and every metric of
+`metrics.SCALAR_METRICS` (min head-tail recall included).
 """
 
+import collections
 import glob
 import json
 import os
@@ -11,15 +19,19 @@ import sys
 import numpy as np
 
 from selmix_jax import metrics as metrics_lib
+from selmix_jax import objectives
 
-_ROWS = {
-    "plain_ft": "control: CE fine-tuning (no mixup)",
-    "uniform_mixup": "control: mixup, P uniform",
-    "min_recall": "SelMix min_recall",
-    "mean_recall": "SelMix mean_recall",
-    "gmean": "SelMix gmean",
-    "hmean": "SelMix hmean",
-    "mean_recall_min_coverage": "SelMix mean_recall_min_coverage",
+# The test metric each objective's target is (constrained objectives: their base metric).
+_TARGET_METRIC = {
+    "mean_recall": "mean_recall",
+    "min_recall": "min_recall",
+    "min_head_tail_recall": "min_head_tail_recall",
+    "gmean_recall": "gmean_recall",
+    "hmean_recall": "hmean_recall",
+    "mean_recall_min_coverage": "mean_recall",
+    "hmean_min_coverage": "hmean_recall",
+    "mean_recall_head_tail_coverage": "mean_recall",
+    "hmean_head_tail_coverage": "hmean_recall",
 }
 
 
@@ -31,102 +43,105 @@ def _cell(values, signed=False):
   return f"{values.mean():{fmt}} ± {values.std(ddof=1):.1f}"
 
 
-# Each SelMix objective's own target: its title and the test metric that measures it.
-_TARGETS = {
-    "min_recall": ("min recall", "min_recall"),
-    "mean_recall": ("mean recall", "mean_recall"),
-    "gmean": ("G-mean of recalls", "gmean_recall"),
-    "hmean": ("H-mean of recalls", "hmean_recall"),
-    "mean_recall_min_coverage": ("mean recall (s.t. coverage ≥ 0.95/K)", "mean_recall"),
-}
-
-
-def _summaries(runs, variant):
-  """`summary.json` of `<runs>/seed*/<variant>`, one per seed."""
-  files = sorted(glob.glob(os.path.join(runs, "seed*", variant, "summary.json")))
-  return [json.load(open(f)) for f in files]
-
-
-def _test_cells(results, metrics):
-  """Mean ± std over seeds of each final test metric."""
-  return [_cell([r["after"]["test"][m] for r in results]) for m in metrics]
-
-
-def _target_table(runs):
-  """Each objective's own test target: pre-trained -> SelMix, the change, and both controls."""
-  lines = [
-      "",
-      "| objective | its target on test (×100) | pre-trained | SelMix | change | "
-      "CE fine-tuning | mixup, P uniform |",
-      "|---|---|---:|---:|---:|---:|---:|",
-  ]
-  controls = [_summaries(runs, c) for c in ("plain_ft", "uniform_mixup")]
-  for variant, (title, metric) in _TARGETS.items():
-    results = _summaries(runs, variant)
-    if not results:
+def find_summaries(paths):
+  """Fine-tuning `summary.json` files under `paths` (run dirs or folders above them)."""
+  found = []
+  for path in paths:
+    if os.path.isfile(path):
+      found.append(path)
       continue
-    before = results[0]["target_before"]["target"]
-    after = [r["target_after"]["target"] for r in results]
-    # The controls have no objective of their own: the same metric of their test confusion.
-    control_cells = [_test_cells(c, [metric])[0] if c else "–" for c in controls]
-    lines.append(
-        f"| {variant} | {title} | {100 * before:.1f} | {_cell(after)} | "
-        f"{_cell(np.asarray(after) - before, signed=True)} | " + " | ".join(control_cells) + " |"
-    )
-  return lines
+    found += glob.glob(os.path.join(path, "**", "summary.json"), recursive=True)
+  summaries = []
+  for name in sorted(set(found)):
+    summary = json.load(open(name))
+    if "after" in summary:  # Pre-training summaries have no before/after.
+      summary["_path"] = name
+      summaries.append(summary)
+  return summaries
 
 
-def _ssl_table(runs, metrics):
-  """Semi-supervised smoke run: FixMatch(LA) (EMA weights) and SelMix(min_recall) per seed."""
-  pre_file = os.path.join(runs, "ssl", "pretrain", "summary.json")
-  if not os.path.isfile(pre_file):
-    return []
-  pre = json.load(open(pre_file))
-  lines = [
-      "",
-      f"Semi-supervised smoke run ({pre['steps']} FixMatch(LA) steps, "
-      f"{pre['wall_time_s'] / 60:.0f} min):",
-      "",
-      "| model (test split, ×100) | seeds | " + " | ".join(metrics) + " |",
-      "|---|---:|" + "---:|" * len(metrics),
-      "| FixMatch(LA) | – | " + " | ".join(_cell([pre["test"][m]]) for m in metrics) + " |",
-  ]
-  results = _summaries(os.path.join(runs, "ssl"), "min_recall")
-  if results:
-    lines.append(
-        f"| SelMix min_recall (pseudo-labelled partners) | {len(results)} | "
-        + " | ".join(_test_cells(results, metrics)) + " |"
-    )
-  return lines
+def method(summary) -> str:
+  """What a run is: its recorded method, or (older runs) derived from its config."""
+  if "method" in summary:
+    name = summary["method"]
+  else:
+    selmix = summary["config"]["selmix"]
+    pairs = selmix.get("pairs", "gain")
+    if pairs == "uniform":
+      name = "uniform mixup"
+    elif pairs == "instance":
+      name = "CE fine-tuning" if selmix.get("mix_weight_min", 0.6) >= 1 else "instance mixup"
+    else:
+      name = f"SelMix ({objectives.canonical_name(summary['objective'])})"
+  if summary["config"]["selmix"].get("partner_pool") == "unlabeled":
+    name += ", pseudo-labelled partners"
+  return name
 
 
-def main(runs):
+def _objective(summary) -> str | None:
+  if summary.get("objective", "none") == "none" or not method(summary).startswith("SelMix"):
+    return None
+  return objectives.canonical_name(summary["objective"])
+
+
+def tables(summaries) -> str:
   metrics = metrics_lib.SCALAR_METRICS
-  lines = [
-      "| model (test split, ×100) | seeds | " + " | ".join(metrics) + " | coverage ok |",
-      "|---|---:|" + "---:|" * (len(metrics) + 1),
-  ]
-  pre = json.load(open(os.path.join(runs, "pretrain", "summary.json")))
-  lines.append(
-      "| pre-trained (LA-CE) | – | " + " | ".join(_cell([pre["test"][m]]) for m in metrics)
-      + " | – |"
-  )
-  for variant, title in _ROWS.items():
-    results = _summaries(runs, variant)
-    if not results:
-      continue
-    covered = "–"
-    if variant.endswith("coverage"):
-      gaps = [r["target_after"]["constraint_gap"] for r in results]
-      covered = ", ".join("yes" if g >= 0 else f"no ({100 * g:+.2f})" for g in gaps)
-    lines.append(
-        f"| {title} | {len(results)} | " + " | ".join(_test_cells(results, metrics))
-        + f" | {covered} |"
-    )
-  lines += _target_table(runs)
-  lines += _ssl_table(runs, metrics)
-  print("\n".join(lines))
+  groups = collections.defaultdict(list)
+  for s in summaries:
+    groups[(s["config"]["selmix"]["init_checkpoint"], method(s))].append(s)
+  lines = []
+  for start in sorted({k[0] for k in groups}):
+    members = {m: runs for (c, m), runs in groups.items() if c == start}
+    first = next(iter(members.values()))[0]
+    lines += [
+        f"\nFrom `{start}` (pre-training step {first.get('pretrain_step')}); test split, ×100:",
+        "",
+        "| model | runs | " + " | ".join(metrics) + " | constraints hold |",
+        "|---|---:|" + "---:|" * (len(metrics) + 1),
+        "| pre-trained | – | " + " | ".join(_cell([first["before"]["test"][m]]) for m in metrics)
+        + " | – |",
+    ]
+    controls = {m: r for m, r in members.items() if not m.startswith("SelMix")}
+    selmix = {m: r for m, r in members.items() if m.startswith("SelMix")}
+    for name, runs in sorted(controls.items()) + sorted(selmix.items()):
+      gaps = [r["target_after"].get("constraint_gap") for r in runs]
+      held = "–" if gaps[0] is None or _objective(runs[0]) is None else ", ".join(
+          "yes" if g >= 0 else f"no ({100 * g:+.2f})" for g in gaps
+      )
+      cells = [_cell([r["after"]["test"][m] for r in runs]) for m in metrics]
+      lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {held} |")
+    lines += [
+        "",
+        "| objective | its target on test (×100) | pre-trained | SelMix | change |"
+        + "".join(f" {c} |" for c in sorted(controls)),
+        "|---|---|---:|---:|---:|" + "---:|" * len(controls),
+    ]
+    for name, runs in sorted(selmix.items()):
+      objective = _objective(runs[0])
+      metric = _TARGET_METRIC.get(objective, "target")
+      before = runs[0]["target_before"]["target"]
+      after = [r["target_after"]["target"] for r in runs]
+      control_cells = [
+          _cell([r["after"]["test"][metric] for r in c]) if metric in c[0]["after"]["test"]
+          else "–"
+          for _, c in sorted(controls.items())
+      ]  # fmt: skip
+      lines.append(
+          f"| {objective} | {metric} | {100 * before:.1f} | {_cell(after)} | "
+          f"{_cell(np.asarray(after) - before, signed=True)} |"
+          + "".join(f" {c} |" for c in control_cells)
+      )
+  return "\n".join(lines)
+
+
+def main(paths):
+  summaries = find_summaries(paths)
+  if not summaries:
+    raise SystemExit(f"No fine-tuning summary.json under {paths}.")
+  print(tables(summaries))
 
 
 if __name__ == "__main__":
-  main(sys.argv[1] if len(sys.argv) > 1 else "runs/cifar10_lt_cpu")
+  if len(sys.argv) < 2:
+    raise SystemExit(__doc__)
+  main(sys.argv[1:])

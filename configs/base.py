@@ -78,7 +78,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.objective = ml_collections.ConfigDict()
   config.objective.name = "min_recall"
+  # Objective hyperparameters (SPEC §3); None = the objective's own default. A user objective
+  # receives only the ones set here, as keyword arguments.
   config.objective.hparams = ml_collections.ConfigDict()
+  for name, field_type in (
+      ("omega", float), ("beta", float), ("alpha", float), ("tau", float),
+      ("multiplier_max", float), ("recall_smoothing", float),
+      ("head_mask", tuple),  # [K] bools: head classes (default the first 90 %), also in reports
+  ):  # fmt: skip
+    config.objective.hparams[name] = ml_collections.FieldReference(None, field_type=field_type)
   return config
 
 

@@ -30,7 +30,7 @@ import ml_collections
 
 from selmix_jax.configs import base
 
-VARIANTS = ("pretrain", "min_recall", "mean_recall", "gmean", "hmean",
+VARIANTS = ("pretrain", "min_recall", "mean_recall", "min_head_tail_recall", "gmean", "hmean",
             "mean_recall_min_coverage", "plain_ft", "uniform_mixup", "ssl_pretrain",
             "ssl_min_recall")
 _ZIP = os.path.join(

@@ -177,10 +177,14 @@ class Evaluator:
   """Exact passes over the splits of one data set with one model (the loops' evaluator).
 
   `evaluator(state_repl, split)` evaluates a replicated TrainState (its EMA copy when
-  `use_ema`) on a `data.Split` and returns the `EvalResult`.
+  `use_ema`) on a `data.Split` and returns the `EvalResult`; `evaluator.summary(result)` gives
+  its metrics with the run's head/tail split (`head_mask`, default the first 90 % of classes).
   """
 
-  def __init__(self, model, datasets, *, batch_size: int, use_ema: bool = False):
+  def __init__(
+      self, model, datasets, *, batch_size: int, use_ema: bool = False, head_mask=None
+  ):
+    self.head_mask = head_mask
     self.p_eval_step = make_p_eval_step(
         model,
         num_classes=datasets.num_classes,
@@ -188,6 +192,10 @@ class Evaluator:
     )
     self.batch_size = batch_size
     self.use_ema = use_ema
+
+  def summary(self, result: EvalResult) -> dict[str, Any]:
+    """Every SPEC §2 metric of `result`, with this run's head mask."""
+    return result.summary(head_mask=self.head_mask)
 
   def __call__(self, state_repl, split, *, name: str = "", announce: bool = True) -> EvalResult:
     """Evaluates `split`; with a `name`, logs progress every 30 s and (if `announce`) the

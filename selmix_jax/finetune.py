@@ -48,7 +48,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
     `{'objective', 'before': {'val', 'test'}, 'after': {'val', 'test'}, 'steps', ...}`.
   """
   cfg, ds, t0 = config.selmix, datasets, time.time()
-  objective = objectives.get(config.objective.name, **config.objective.hparams)
+  objective = objectives.from_config(config.objective)
   model = models.from_config(config.model, ds.num_classes)
   state, pre_step = _pretrained_state(config, model, ds)
   partner = _partner_pool(cfg, ds)
@@ -60,7 +60,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   restored, resumed_at = train_state.restore(manager, {"state": state, "selmix": sel})
   if resumed_at is not None:
     logging.info("Resumed SelMix fine-tuning from step %d.", resumed_at)
-  evaluate = evaluation.Evaluator(model, ds, batch_size=config.eval_batch_size)
+  evaluate = evaluation.Evaluator(
+      model, ds, batch_size=config.eval_batch_size, head_mask=config.objective.hparams.head_mask
+  )
   writer = loop.Writer(workdir)
   r = _Run(config, ds, partner, objective, evaluate, writer, manager, workdir, **restored)
   before = _before(config, workdir, r, pre_step, fresh=resumed_at is None)
@@ -83,7 +85,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
     manager.close()
 
   after = {
-      s: evaluate(r.state_repl, getattr(ds, s), name=f"{s} (final)").summary()
+      s: evaluate.summary(evaluate(r.state_repl, getattr(ds, s), name=f"{s} (final)"))
       for s in ("val", "test")
   }
   writer.scalars(step, reporting.flat_scalars("final_test", after["test"]))
@@ -182,7 +184,7 @@ class _Run:
     return None
 
   def _report_refresh(self, step, val):
-    sel, summary = self.selmix, val.summary()
+    sel, summary = self.selmix, self.evaluate.summary(val)
     target = float(_target(self.objective, val.confusion)["target"])
     spread = sampling.concentration(sel.pair_probs)
     self.writer.scalars(step, {
@@ -225,7 +227,7 @@ class _Run:
 
   def evaluate_test(self, step):
     if step < self.cfg.num_steps:  # The final model is evaluated after the loop.
-      summary = self.evaluate(self.state_repl, self.ds.test).summary()
+      summary = self.evaluate.summary(self.evaluate(self.state_repl, self.ds.test))
       self.writer.scalars(step, reporting.flat_scalars("test", summary))
 
   def save(self, step):
@@ -284,7 +286,7 @@ def _before(config, workdir, r, pre_step, *, fresh: bool) -> dict[str, Any]:
   results = {name: cache.evaluate(r.evaluate, r.state_repl, split, name)
              for name, split in passes.items()}  # fmt: skip
   r.initial = {k: v for k, v in results.items() if k != "test"}
-  before = {split: results[split].summary() for split in ("val", "test")}
+  before = {split: r.evaluate.summary(results[split]) for split in ("val", "test")}
   reporting.save_json(workdir, "before.json", before)
   return before
 

@@ -132,6 +132,16 @@ def is_known(name: str) -> bool:
   return name in _FACTORIES or name in _ALIASES
 
 
+def from_config(config) -> Objective:
+  """The objective of a `config.objective` section: `name`, and the `hparams` that are set.
+
+  Hyperparameters left at None take the objective's default (and are not passed to a user
+  objective at all).
+  """
+  hparams = {k: v for k, v in dict(config.get("hparams", {})).items() if v is not None}
+  return get(config.name, **hparams)
+
+
 def aliases() -> dict[str, str]:
   """Other accepted names: `{alias: registry name}`, e.g. `{'gmean': 'gmean_recall'}`."""
   return dict(_ALIASES)

@@ -51,7 +51,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   if resumed_at is not None:
     logging.info("Resumed pre-training from step %d.", resumed_at)
   p_train_step = make_train_step(cfg, ds)
-  evaluate = evaluation.Evaluator(model, ds, batch_size=config.eval_batch_size, use_ema=use_ema)
+  evaluate = evaluation.Evaluator(
+      model, ds, batch_size=config.eval_batch_size, use_ema=use_ema,
+      head_mask=config.objective.hparams.head_mask,
+  )
   writer = loop.Writer(workdir)
   key = jax.random.key(config.seed + 1)
   carry = {"state": train_state.replicate(restored["state"]), "metrics": None}
@@ -67,7 +70,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
 
   def validate(step):
     if step < cfg.num_steps:  # The final model is evaluated after the loop.
-      summary = evaluate(carry["state"], ds.val).summary()
+      summary = evaluate.summary(evaluate(carry["state"], ds.val))
       writer.scalars(step, reporting.flat_scalars("val", summary))
 
   def save(step):
@@ -89,7 +92,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
     manager.wait_until_finished()  # On any exit, let an in-flight asynchronous save finish.
     manager.close()
 
-  result = {s: evaluate(carry["state"], getattr(ds, s)).summary() for s in ("val", "test")}
+  result = {
+      s: evaluate.summary(evaluate(carry["state"], getattr(ds, s), name=f"{s} (final)"))
+      for s in ("val", "test")
+  }
   result.update(steps=cfg.num_steps, wall_time_s=time.time() - t0)
   writer.scalars(cfg.num_steps, reporting.flat_scalars("test", result["test"]))
   writer.close()

@@ -68,7 +68,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"config.objective.name={config.objective.name!r} is not a known objective; "
           f"known: {', '.join(objectives.names())}."
       )
-    objectives.get(config.objective.name, **config.objective.get("hparams", {}))
+    objectives.from_config(config.objective)
     pipeline.check_global_batch(config.selmix.batch_size, field="config.selmix.batch_size")
     pairs.get(config.selmix.pairs)
     if config.selmix.partner_pool not in ("labeled", "unlabeled"):
@@ -129,6 +129,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         datasets.num_classes,
         datasets.labeled_class_counts.tolist(),
     )
+    head_mask = config.objective.hparams.head_mask
+    if head_mask is not None and len(head_mask) != datasets.num_classes:
+      raise ValueError(
+          f"config.objective.hparams.head_mask has {len(head_mask)} entries; the data set has "
+          f"{datasets.num_classes} classes ({', '.join(datasets.class_names[:5])}, ...)."
+      )
     result, text = _run(config, workdir, datasets)
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:

@@ -3,6 +3,7 @@
 import glob
 import importlib.util
 import os
+import re
 
 import pytest
 
@@ -62,7 +63,7 @@ def test_config_loads_and_names_known_parts(path):
     assert config.mode in train.MODES
     if config.mode != "pretrain":
       assert objectives.is_known(config.objective.name)
-      objectives.get(config.objective.name, **config.objective.hparams)
+      objectives.from_config(config.objective)
 
 
 def test_unknown_variant_is_rejected():
@@ -88,3 +89,44 @@ def test_cifar10_ssl_unlabeled_split_option():
   assert default.data.unlabeled_imbalance == 100.0 and default.selmix.temperature == 0.1
   with pytest.raises(ValueError, match="rho_u=<one of 100, 1, 0.01>"):
     module.get_config("min_recall,rho_u=10")
+
+
+def _documented_fields():
+  """Config fields the README and the library's docstrings name (`config.x.y`, `--config.x.y=`,
+  and `data.<field>` in the README's data section)."""
+  texts = [open(os.path.join(_REPO, "README.md"), encoding="utf-8").read()]
+  for path in glob.glob(os.path.join(_REPO, "selmix_jax", "**", "*.py"), recursive=True):
+    texts.append(open(path, encoding="utf-8").read())
+  fields = set()
+  for text in texts:
+    fields |= set(re.findall(r"--config\.([a-z_][\w.]*[a-z_0-9])=", text))
+    # `config.x.y` but not a method call (`config.data.to_dict()`).
+    fields |= set(re.findall(r"\bconfig\.([a-z_]+\.[a-z_][\w.]*[a-z_0-9])(?![\w.(])", text))
+  modules = {"pipeline", "register", "build", "names", "default_config", "datasets", "sources"}
+  fields |= {f"data.{m}" for m in re.findall(r"`data\.([a-z_]+)`?(?!\()", texts[0])} - {
+      f"data.{m}" for m in modules
+  }
+  # The data fields `pipeline.build`'s docstring documents.
+  from selmix_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  doc = pipeline.build.__doc__
+  block = doc[doc.index("Config fields") : doc.index("SPEC §8 settings")]
+  fields |= {f"data.{m}" for m in re.findall(r"^    (\w+): ", block, flags=re.M)}
+  return sorted(fields)
+
+
+def test_every_documented_field_is_declared_and_settable():
+  from selmix_jax.configs import base  # pylint: disable=g-import-not-at-top
+
+  config = base.get_config()
+  fields = _documented_fields()
+  assert len(fields) > 30, fields
+  missing = []
+  for field in fields:
+    node = config
+    for part in field.split("."):
+      if not hasattr(node, "keys") or part not in node.keys():
+        missing.append(field)
+        break
+      node = node[part]
+  assert not missing, f"documented but not declared in configs/base.py: {missing}"
