@@ -22,8 +22,8 @@ evaluates on Resize(256) + CenterCrop(224); ours uses the pad-and-crop weak view
 shorter-side resize to 224 + centre crop (no switch for either exists yet).
 ImageNet has at most 1300 training images per class and 433 + 866 of them are drawn, which leaves
 no room for a held-out validation set: validation is a balanced 10-per-class subset of the official
-validation split, which is also the test split, so test numbers are not independent of the gain
-estimate here (the release validates on a random half of that split and tests on the other half).
+validation split, and the test set is the rest of that split (the two never overlap; the release
+validates on a random half of it and tests on the other half).
 Expected: no SPEC §9 number (the release publishes none for ImageNet-100); compare pre-trained vs
 SelMix on the same run.
 """

@@ -11,10 +11,9 @@ STL-10 has 500 training images per class, so the validation set is 50 per class 
 The authors' published FixMatch(LA) checkpoint (rho_l = 10; link in README.md) converts with
   python -m selmix_jax.convert --torch_checkpoint=fixmatch_la.pth --model=wrn28_2 \
     --num_classes=10 --out=runs/stl/release
-but the release trains and evaluates STL-10 resized to 32x32 (its `size: 32`), while our
-pipeline feeds the native 96x96 images (`config.data.image_size` is not applied to TFDS
-`stl10`): a converted checkpoint fine-tuned here sees another input scale, so that run is not
-a reproduction of the release. Pre-training here is at 96 px, for 2^20 steps as in the release.
+The release trains and evaluates STL-10 resized to 32x32 (its `size: 32`); so does this config
+(`data.image_size = 32`, antialiased bilinear; `--config.data.image_size=96` keeps the native
+size). Pre-training runs 2^20 steps as in the release.
 `--config.selmix.partner_labels=true` would draw mixup partners by true labels as the release
 does, but STL-10's unlabeled split has no labels.
 
@@ -31,6 +30,7 @@ from selmix_jax.configs import cifar10_lt_ssl
 def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:
   config = cifar10_lt_ssl.get_config("pretrain")
   config.data.name = "stl10"
+  config.data.image_size = 32  # The release's size.
   config.data.labeled_max = 450
   config.data.labeled_imbalance = 10.0
   config.data.unlabeled_max = -1

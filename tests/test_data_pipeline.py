@@ -215,3 +215,14 @@ def test_a_registered_data_set_is_built_from_its_one_entry():
   np.testing.assert_allclose(data.mean, [0.5] * 3)
   with pytest.raises(ValueError, match="already registered"):
     datasets.register(datasets.DatasetSpec("test_blobs", load))
+
+
+def test_validation_drawn_from_the_test_split_is_left_out_of_the_test_set():
+  data = pipeline.build(
+    _digits_config(unlabeled_max=0, val_split="test", val_per_class=5, labeled_max=20)
+  )
+  test_source = data.test.source
+  assert data.val.source is test_source
+  assert not set(data.val.indices) & set(data.test.indices)
+  assert len(data.val) + len(data.test) == len(test_source)
+  np.testing.assert_array_equal(data.val.class_counts(10), [5] * 10)

@@ -191,3 +191,20 @@ def test_tfds_imagenet100_keeps_and_remaps_listed_classes(tmp_path):
   assert subset.class_names == tuple(sorted(keep))
   assert len(subset) == np.isin(everything.labels, np.unique(everything.labels)[:3]).sum()
   assert set(subset.labels) <= {0, 1, 2}
+
+
+def test_tfds_in_memory_set_resized_by_image_size(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from selmix_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  config = ml_collections.ConfigDict(
+    dict(name="stl10", image_size=32, labeled_max=2, labeled_imbalance=2.0, val_per_class=1,
+         unlabeled_max=0, data_dir=str(tmp_path))
+  )  # fmt: skip
+  with tfds.testing.mock_data(num_examples=200):
+    data = pipeline.build(config)
+  assert data.image_shape == (32, 32, 3)
+  source = sources.ArraySource(np.full((2, 96, 96, 3), 200, np.uint8), np.zeros(2), ("a",))
+  small = sources.resized(source, 32)
+  assert small.images.shape == (2, 32, 32, 3) and (small.images == 200).all()

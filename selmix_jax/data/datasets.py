@@ -93,7 +93,11 @@ def _image_folder(config, split):
 
 
 def _tfds_in_memory(name):
-  return lambda config, split: sources.load_tfds(name, split, data_dir=config.data_dir)
+  def load(config, split):
+    source = sources.load_tfds(name, split, data_dir=config.data_dir)
+    return sources.resized(source, config.image_size) if config.image_size else source
+
+  return load
 
 
 def _tfds_streaming(name):

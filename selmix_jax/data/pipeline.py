@@ -333,7 +333,8 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
     val_split: None = `train_split` (a balanced validation set is held out of the
       training split before anything else), or 'validation' for imagenet_lt. With
       another split, `val_per_class` > 0 draws a balanced subset of it and 0 takes
-      all of it.
+      all of it; when that split is also the test split, the test set is what the
+      validation set leaves (they never overlap).
     unlabeled_split: None = `train_split` (the pool is drawn after validation and
       labeled, without overlap), or 'unlabelled' for stl10.
     labeled_max: N1 of SPEC §8; None or -1 = every training example left after
@@ -346,8 +347,8 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
     val_per_class: balanced validation examples per class.
     val_flip: append horizontally flipped copies of the validation images.
     seed: seed of every split (and of digits' train/test split).
-    image_size: side to resize image folders to (None keeps the stored size) and
-      the ImageNet side (None = 224).
+    image_size: side to resize images to: image folders and in-memory TFDS sets
+      (None keeps the stored size), and the ImageNet side (None = 224).
     class_names: image_folder only: class order (None = sorted folder names).
     imagenet100_classes: None = the shipped CMC list, or a list / path of a .txt.
     digits_test_fraction: share of each digits class held out as test (0.3).
@@ -405,11 +406,16 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
   if val_from_train:
     val_source, val_indices = train, drawn["val"]
   else:
-    val_source = _load(config, config.val_split)
+    same_as_test = config.val_split == config.test_split
+    val_source = test if same_as_test else _load(config, config.val_split)
     if config.val_per_class > 0:
       val_indices = _balanced_val(val_source.labels, num_classes, config.val_per_class, config.seed)
     else:
       val_indices = np.arange(len(val_source))
+  test_indices = np.arange(len(test))
+  if not val_from_train and config.val_split == config.test_split:
+    # Validation drawn from the test split: the test set is the rest, so they never overlap.
+    test_indices = np.setdiff1d(test_indices, val_indices)
   val = Split(val_source, val_indices)
   if config.val_flip:
     flipped = FlipAppendedSource(val_source, val_indices)
@@ -441,7 +447,7 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
     labeled=labeled,
     unlabeled=unlabeled,
     val=val,
-    test=Split(test, np.arange(len(test))),
+    test=Split(test, test_indices),
     num_classes=num_classes,
     class_names=tuple(train.class_names),
     image_shape=tuple(train.image_shape),

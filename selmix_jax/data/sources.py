@@ -159,6 +159,20 @@ def _resize_center_crop(pil: PIL.Image.Image, size: int) -> np.ndarray:
   return np.asarray(pil.crop((left, top, left + size, top + size)))
 
 
+def resized(source: ArraySource, size: int) -> ArraySource:
+  """`source` with every image resized to `size`² (PIL, antialiased bilinear); as is when
+  the images already have that size."""
+  if source.image_shape[:2] == (size, size):
+    return source
+  logging.info("Resizing %d images from %s to %dx%d.", len(source), source.image_shape, size, size)
+  out = np.empty((len(source), size, size, source.image_shape[2]), np.uint8)
+  for i, image in enumerate(source.images):
+    pil = PIL.Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+    array = np.asarray(pil.resize((size, size), PIL.Image.BILINEAR, reducing_gap=None))
+    out[i] = array if array.ndim == 3 else array[..., None]
+  return ArraySource(out, source.labels, source.class_names)
+
+
 # ----------------------------------------------------------------------------- digits
 
 
