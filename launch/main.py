@@ -10,6 +10,10 @@ multi-node GPU): `--distributed` (or SELMIX_DISTRIBUTED=1) calls `jax.distribute
 with the cluster's auto-detection; `--coordinator_address=host:port --num_processes=N
 --process_id=i` passes the layout explicitly. SIGTERM/SIGINT stop the run after the current step
 with a checkpoint (exit status 128 + the signal number); the same command resumes it.
+
+Exit status: 0 done; 3 the training diverged (a NaN/inf loss or state: the message names the
+stage, step, learning rate and the last good checkpoint, which is kept; no summary is written);
+1 any other error.
 """
 
 import importlib
@@ -47,6 +51,8 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with the above).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+
+EXIT_DIVERGED = 3
 
 
 def import_user_modules(argv: list[str]) -> list[str]:
@@ -99,6 +105,9 @@ def main(argv):
   except loop.Preempted as e:
     logging.warning("%s", e)
     sys.exit(128 + e.signum)  # What a process killed by that signal reports.
+  except loop.Diverged as e:
+    logging.error("%s", e)
+    sys.exit(EXIT_DIVERGED)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,8 @@ def evaluate(p_eval_step, variables_repl, source, indices, *, batch_size: int) -
         f"Evaluation counted {result.confusion.sum()} examples and {len(result.preds)} "
         f"predictions, expected {len(indices)}."
     )
+  # The invalid-matrix rule of `metrics`: counts are checked here, before anything reports them.
+  metrics.check_counts(result.confusion, where=f"Evaluation pass over {len(indices)} examples")
   return result
 
 
