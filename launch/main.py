@@ -11,9 +11,9 @@ with the cluster's auto-detection; `--coordinator_address=host:port --num_proces
 --process_id=i` passes the layout explicitly. SIGTERM/SIGINT stop the run after the current step
 with a checkpoint (exit status 128 + the signal number); the same command resumes it.
 
-Exit status: 0 done; 3 the training diverged (a NaN/inf loss or state: the message names the
-stage, step, learning rate and the last good checkpoint, which is kept; no summary is written);
-1 any other error.
+Exit status: 0 done; 2 an invalid config (the message names the field; nothing was computed);
+3 the training diverged (a NaN/inf loss or state: the message names the stage, step, learning
+rate and the last good checkpoint, which is kept; no summary is written); 1 any other error.
 """
 
 import importlib
@@ -52,6 +52,7 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with the above).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
+EXIT_CONFIG = 2
 EXIT_DIVERGED = 3
 
 
@@ -102,6 +103,9 @@ def main(argv):
   logging.info("Config:\n%s", _CONFIG.value)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.ConfigError as e:
+    logging.error("Invalid config: %s", e)
+    sys.exit(EXIT_CONFIG)
   except loop.Preempted as e:
     logging.warning("%s", e)
     sys.exit(128 + e.signum)  # What a process killed by that signal reports.

@@ -88,3 +88,16 @@ def test_cifar10_ssl_unlabeled_split_option():
   assert default.data.unlabeled_imbalance == 100.0 and default.selmix.temperature == 0.1
   with pytest.raises(ValueError, match="rho_u=<one of 100, 1, 0.01>"):
     module.get_config("min_recall,rho_u=10")
+
+
+@pytest.mark.parametrize("path", _CONFIGS, ids=os.path.basename)
+def test_every_shipped_config_passes_validate(path):
+  """The range checks of `train.validate` accept every variant we ship (paths aside)."""
+  module = _load(path)
+  variants = getattr(module, "VARIANTS", None) or _variants(path) or [""]
+  for arg in variants:
+    config = module.get_config(arg) if arg else module.get_config()
+    try:
+      train.validate(config)
+    except train.ConfigPathError:
+      pass  # init_checkpoint / data.root point at runs and data this machine may not have.
