@@ -181,7 +181,8 @@ class DivergenceGuard:
     if loss is not None and not np.isfinite(loss):
       self.fail(step, f"the training loss is {loss}")
     if not all_finite(state_repl):
-      self.fail(step, f"the train state holds non-finite values (training loss {loss})")
+      at_loss = "" if loss is None else f", at training loss {loss:.4g}"
+      self.fail(step, f"the train state holds NaN or inf values{at_loss}")
 
   def fail(self, step: int, what: str) -> None:
     """Raises `Diverged` for `step` with the reason `what`."""

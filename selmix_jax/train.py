@@ -219,7 +219,10 @@ def _validate_selmix(config: ml_collections.ConfigDict) -> None:
     problem = objectives.hparam_problem(key, value)
     if problem:
       raise ValueError(f"config.objective.hparams.{key}={value!r}: {problem}.")
-  objectives.get(config.objective.name, **hparams)
+  try:
+    objectives.get(config.objective.name, **hparams)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.objective.hparams: {e}") from e
   pipeline.check_global_batch(cfg.batch_size, field="config.selmix.batch_size")
   pairs.get(cfg.pairs)
   _check_ranges(cfg, "config.selmix", _SELMIX_RANGES)
