@@ -138,7 +138,8 @@ def _finite(leaves: list[jax.Array]) -> jax.Array:
 def _first_replica(x: Any) -> Any:
   """This process's first slice of a pmap-replicated array (no collective); else `x`."""
   if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-    return min(x.addressable_shards, key=lambda s: s.index[0].start or 0).data
+    first = lambda shard: (shard.index[0].start or 0) if shard.index else 0
+    return min(x.addressable_shards, key=first).data
   return x
 
 

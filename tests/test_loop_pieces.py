@@ -186,6 +186,9 @@ def test_all_finite_reads_float_leaves_of_one_replica():
   assert loop.all_finite(tree) and loop.all_finite({})
   tree["b"] = np.array([0.0, np.inf], np.float32)
   assert not loop.all_finite(train_state.replicate(tree))
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
+  everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  assert not loop.all_finite(jax.device_put(jnp.asarray(jnp.nan), everywhere))  # 0-d, replicated
 
 
 def test_divergence_guard_names_stage_step_learning_rate_and_last_checkpoint():
