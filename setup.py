@@ -36,6 +36,7 @@ _TEST = [
     "hypothesis>=6.100,<7",
     "scipy>=1.12,<2",
     "build>=1.2,<2",
+    "filelock>=3.12,<5",  # JAX's persistent compilation cache locks with it (tests/conftest.py)
 ]
 
 setuptools.setup(

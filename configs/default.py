@@ -7,8 +7,9 @@ table of every metric (also written to `<workdir>/results.md`).
 
 Run (a few minutes on a 2-core CPU):
   python launch/main.py --workdir=workdir/default
-Expected (2-core CPU, ~1 minute): test min recall 66.67 -> 72.22, mean recall 83.51 -> 82.38
-(the full table is in README.md).
+Expected on the project's 2-core AMD EPYC (~1 minute): test min recall 66.67 -> 72.22, mean recall
+83.51 -> 82.38 (the full table is in README.md). Bit-identical run to run on one machine; another
+CPU may differ by a few test images (64.81 -> 74.07 was seen on one).
 
 `--config=configs/default.py:tiny` is a seconds-long version for tests; `:tiny_ssl` the same on a
 semi-supervised split (FixMatch(LA) pre-training, SelMix partners from the pseudo-labelled pool).

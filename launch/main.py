@@ -10,27 +10,71 @@ multi-node GPU): `--distributed` (or SELMIX_DISTRIBUTED=1) calls `jax.distribute
 with the cluster's auto-detection; `--coordinator_address=host:port --num_processes=N
 --process_id=i` passes the layout explicitly. SIGTERM/SIGINT stop the run after the current step
 with a checkpoint (exit status 128 + the signal number); the same command resumes it.
+
+Exit status: 0 done; 1 a command-line error or any other error; 2 an invalid config (the message
+names the field or file; nothing was computed); 3 the training diverged (a NaN/inf loss or state:
+the message names the stage, step, learning rate and the last good checkpoint, which is kept; no
+summary is written).
 """
 
 import importlib
 import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 
 jax.config.config_with_absl()
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"),
-    "ml_collections config file (`path.py` or `path.py:variant`).",
-    lock_config=True,
-)
+EXIT_CONFIG = 2
+EXIT_DIVERGED = 3
+
+
+def exit_if_unknown_field(error: Exception, argv: list[str]) -> None:
+  """Exits (status 2) naming the `--config.<path>=...` override that `error` is about.
+
+  ml_collections reports an override of a field the config lacks as a bare KeyError or
+  AttributeError from deep inside absl's parsing (of `--config`, or of the default config when
+  `--config` is not given). Returns if no override matches the missing key.
+  """
+  text = str(error)  # The missing key, quoted and escaped, maybe with a "Did you mean".
+  names = re.findall(r"[A-Za-z_]\w*", text.replace("\\n", " "))
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
+  for arg in argv[1:]:
+    path = arg[2:].split("=", 1)[0]
+    if names and arg.startswith("--config.") and names[0] in path.split("."):
+      hint = f" Did you mean {suggestion.group(1)!r}?" if suggestion else ""
+      print(f"Invalid config: {arg}: the config has no field {path!r}.{hint}", file=sys.stderr)
+      sys.exit(EXIT_CONFIG)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with `exit_if_unknown_field` for config overrides."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    exit_if_unknown_field(e, argv)
+    raise
+
+
+try:
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config",
+      os.path.join(
+          os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"
+      ),
+      "ml_collections config file (`path.py` or `path.py:variant`).",
+      lock_config=True,
+  )
+except (AttributeError, KeyError) as e:  # The default config, overridden from sys.argv.
+  exit_if_unknown_field(e, sys.argv)
+  raise
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Output and checkpoint directory.")
 _IMPORTS_HELP = (
     "Module to import before the config is read (repeatable), e.g. one that registers an "
@@ -49,6 +93,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
 
+
 def import_user_modules(argv: list[str]) -> list[str]:
   """Imports the `--imports` modules of `argv`, before absl parses `--config`.
 
@@ -64,6 +109,18 @@ def import_user_modules(argv: list[str]) -> list[str]:
     except ImportError as e:
       raise SystemExit(f"--imports={name}: cannot import it ({e}).") from e
   return list(early.imports)
+
+
+def _loaded_config() -> ml_collections.ConfigDict:
+  """The --config value; exits naming the file when it could not be loaded (config_flags defers
+  that error to the first use of the config)."""
+  config = _CONFIG.value
+  try:
+    config.keys()
+  except OSError as e:
+    logging.error("Invalid config: %s: %s", flags.FLAGS["config"].serialize(), e)
+    sys.exit(EXIT_CONFIG)
+  return config
 
 
 def _quiet_library_info(record: std_logging.LogRecord) -> bool:
@@ -93,14 +150,21 @@ def main(argv):
 
   from selmix_jax import loop  # pylint: disable=g-import-not-at-top
 
-  logging.info("Config:\n%s", _CONFIG.value)
+  config = _loaded_config()
+  logging.info("Config:\n%s", config)
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except train.ConfigError as e:
+    logging.error("Invalid config: %s", e)
+    sys.exit(EXIT_CONFIG)
   except loop.Preempted as e:
     logging.warning("%s", e)
     sys.exit(128 + e.signum)  # What a process killed by that signal reports.
+  except loop.Diverged as e:
+    logging.error("%s", e)
+    sys.exit(EXIT_DIVERGED)
 
 
 if __name__ == "__main__":
   import_user_modules(sys.argv)
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -161,6 +161,22 @@ def check_compatible(tree: PyTree, template: PyTree, *, where: str) -> None:
   _check_compatible(tree, _drop_empty(_to_numpy(template)), where=where)
 
 
+def non_finite_entries(tree: PyTree, prefix: str = "") -> list[str]:
+  """Paths (`'params/head/kernel'`) of the float arrays of a nested dict holding NaN or inf."""
+  if isinstance(tree, dict):
+    return [
+        path
+        for key, value in tree.items()
+        for path in non_finite_entries(value, f"{prefix}/{key}" if prefix else str(key))
+    ]
+  if tree is None:
+    return []
+  array = np.asarray(tree)
+  if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+    return [prefix]
+  return []
+
+
 def load_pretrained(directory: str) -> tuple[PyTree, int]:
   """Reads the latest checkpoint of a (pre-training) run as a nested dict of NumPy arrays.
 

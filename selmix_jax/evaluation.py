@@ -149,6 +149,8 @@ def evaluate(
         f"Evaluation counted {result.confusion.sum()} examples and {len(result.preds)} "
         f"predictions, expected {len(indices)}."
     )
+  # The invalid-matrix rule of `metrics`: counts are checked here, before anything reports them.
+  metrics.check_counts(result.confusion, where=f"Evaluation pass over {len(indices)} examples")
   if name and announce:
     logging.info(
         "Evaluated %s: %d examples in %.1f s.", name, len(indices), time.monotonic() - start

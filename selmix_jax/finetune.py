@@ -9,6 +9,9 @@ Data flow of one run:
   every step: strategy.sample -> index pairs -> pipeline batch -> pmapped steps.selmix_step
   periodically (loop.Periodic): log, test evaluation, checkpoint {TrainState, SelMixState}
 
+A non-finite loss or state at a log, refresh or checkpoint step, or non-finite gains, raise
+`loop.Diverged` (`loop.DivergenceGuard`); a pre-training checkpoint with NaN/inf weights is refused.
+
 The checkpoint holds the TrainState and the `SelMixState` pytree, so a resumed run continues with
 the same P and draws the same batches. Every refresh's P, G and multipliers also go to
 `<workdir>/selmix_history/refresh_<step>.npz` for the plots.
@@ -50,7 +53,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   cfg, ds, t0 = config.selmix, datasets, time.time()
   objective = objectives.from_config(config.objective)
   model = models.from_config(config.model, ds.num_classes)
-  state, pre_step = _pretrained_state(config, model, ds)
+  schedule = optim.cosine_schedule(cfg.learning_rate, cfg.num_steps)
+  state, pre_step = _pretrained_state(config, model, ds, schedule)
   partner = _partner_pool(cfg, ds)
   sel = selmix_state.init(
       objective, ds.num_classes, partner.labels,
@@ -64,7 +68,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
       model, ds, batch_size=config.eval_batch_size, head_mask=config.objective.hparams.head_mask
   )
   writer = loop.Writer(workdir)
-  r = _Run(config, ds, partner, objective, evaluate, writer, manager, workdir, **restored)
+  guard = loop.DivergenceGuard(
+      "SelMix fine-tuning",
+      schedule=schedule,
+      lr_field=f"config.selmix.learning_rate={cfg.learning_rate}",
+      manager=manager,
+  )
+  r = _Run(config, ds, partner, objective, evaluate, writer, guard, workdir, **restored)
   before = _before(config, workdir, r, pre_step, fresh=resumed_at is None)
   try:
     step, stopped = loop.run(
@@ -111,11 +121,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
 class _Run:
   """The mutable parts of one fine-tuning run and the loop's actions over them."""
 
-  def __init__(self, config, ds, partner, objective, evaluate, writer, manager, workdir, *,
+  def __init__(self, config, ds, partner, objective, evaluate, writer, guard, workdir, *,
                state, selmix):
     cfg = self.cfg = config.selmix
     self.seed, self.ds, self.partner, self.objective = config.seed, ds, partner, objective
-    self.evaluate, self.writer, self.manager, self.workdir = evaluate, writer, manager, workdir
+    self.evaluate, self.writer, self.workdir = evaluate, writer, workdir
+    self.guard, self.manager = guard, guard.manager
     self.state_repl, self.selmix, self.metrics = train_state.replicate(state), selmix, None
     self.key = jax.random.key(config.seed + 2)
     self.p_train_step = jax.pmap(
@@ -151,6 +162,7 @@ class _Run:
   def refresh(self, step):
     """Validation pass -> new SelMixState (and pseudo-labels) -> the strategy's next table."""
     cfg, ds = self.cfg, self.ds
+    self.guard(step, self.state_repl, self.metrics)  # Gains of a diverged model mean nothing.
     initial, self.initial = (self.initial if step == 0 else {}), {}
     partner_labels = self.selmix.partner_labels
     if self.pseudo:
@@ -174,6 +186,13 @@ class _Run:
         head["bias"],
         partner_labels,
     ))
+    if not (np.isfinite(self.selmix.gain).all() and np.isfinite(self.selmix.pair_probs).all()):
+      # Never sample from a NaN P (or silently uniformly): stop with what went wrong.
+      self.guard.fail(step, (
+          f"the refresh's gains are not finite ({np.sum(~np.isfinite(self.selmix.gain))} of "
+          f"{self.selmix.gain.size} entries, max gain {self.selmix.max_gain}), from a valid "
+          f"validation confusion matrix of {int(val.confusion.sum())} examples"
+      ))
     self.strategy = self.strategy.refreshed(self.selmix.pair_probs, self.selmix.partner_labels)
     self._report_refresh(step, val)
     if cfg.early_stop and selmix_state.should_stop(
@@ -222,6 +241,7 @@ class _Run:
       })
 
   def log(self, step):
+    self.guard(step, self.state_repl, self.metrics)
     scalars = train_state.unreplicate(self.metrics)
     self.writer.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
 
@@ -231,6 +251,7 @@ class _Run:
       self.writer.scalars(step, reporting.flat_scalars("test", summary))
 
   def save(self, step):
+    self.guard(step, self.state_repl, self.metrics)  # Never checkpoint a non-finite state.
     host = {"state": train_state.unreplicate(self.state_repl), "selmix": self.selmix}
     train_state.save(self.manager, step, host)
 
@@ -247,11 +268,22 @@ def _partner_pool(cfg, ds) -> pipeline.Split:
   return ds.unlabeled
 
 
-def _pretrained_state(config, model, ds) -> tuple[train_state.TrainState, int]:
-  """The TrainState to fine-tune: pre-trained weights (EMA when kept), the SelMix optimiser."""
+def _pretrained_state(config, model, ds, schedule) -> tuple[train_state.TrainState, int]:
+  """The TrainState to fine-tune: pre-trained weights (EMA when kept), the SelMix optimiser.
+
+  Raises:
+    ValueError: the checkpoint's weights hold NaN or inf (a diverged pre-training).
+  """
   cfg = config.selmix
   stored, pre_step = checkpointing.load_pretrained(cfg.init_checkpoint)
   variables, which = train_state.pretrained_variables(stored, use_ema=cfg.use_ema)
+  bad = checkpointing.non_finite_entries(variables)
+  if bad:
+    raise ValueError(
+        f"config.selmix.init_checkpoint={cfg.init_checkpoint!r}: the {which} weights of step "
+        f"{pre_step} hold NaN or inf in {len(bad)} array(s), e.g. {bad[0]!r}: that "
+        "pre-training diverged. Fine-tune from a finite checkpoint."
+    )
   template = model.init(
       jax.random.key(config.seed), jnp.zeros((1, *ds.image_shape), jnp.float32), train=False
   )
@@ -260,7 +292,7 @@ def _pretrained_state(config, model, ds) -> tuple[train_state.TrainState, int]:
   )
   tx = optim.make_selmix_optimizer(
       variables["params"],
-      learning_rate=optim.cosine_schedule(cfg.learning_rate, cfg.num_steps),
+      learning_rate=schedule,
       backbone_lr_mult=cfg.backbone_lr_mult,
       weight_decay=cfg.weight_decay,
   )

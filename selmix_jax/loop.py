@@ -12,6 +12,11 @@ final checkpoint is always written.
 and to the log; `Progress` logs steps/s and ETA of *completed* steps: it blocks on the step's
 outputs before it reads the clock, so the rate is right from the first report (the host otherwise
 runs ahead of the device and reports how fast it enqueues work).
+
+`DivergenceGuard` is the rule against silent wrong answers: the stages call it at every log step
+and before every checkpoint, and it raises `Diverged` when the training loss or any array of the
+train state is no longer finite. A non-finite state is therefore never checkpointed (the last
+good checkpoint stays the newest one) and the stage never reaches its summary.
 """
 
 import dataclasses
@@ -25,6 +30,7 @@ from typing import Any
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 
 STOP = "stop"
@@ -93,6 +99,104 @@ class Preemption:
     if reached and self.signum is None:
       self.signum = signal.SIGTERM
     return reached
+
+
+class Diverged(Exception):
+  """Training stopped being finite at `step`; checkpoints up to `last_good_step` are kept."""
+
+  def __init__(
+      self,
+      *,
+      stage: str,
+      step: int,
+      what: str,
+      learning_rate: float,
+      lr_field: str,
+      checkpoint_dir: str,
+      last_good_step: int | None,
+  ):
+    self.stage, self.step, self.last_good_step = stage, step, last_good_step
+    if last_good_step is None:
+      kept = f"No checkpoint had been written to {checkpoint_dir}."
+    else:
+      kept = (
+          f"The last good checkpoint, step {last_good_step} in {checkpoint_dir}, is kept "
+          "(a run on this workdir resumes from it)."
+      )
+    super().__init__(
+        f"{stage} diverged at step {step}: {what} (learning rate {learning_rate:.4g} at that "
+        f"step; {lr_field}). Nothing non-finite was saved and no summary was written. {kept} "
+        f"Lower {lr_field.split('=')[0]} and run again."
+    )
+
+
+@jax.jit
+def _finite(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _first_replica(x: Any) -> Any:
+  """This process's first slice of a pmap-replicated array (no collective); else `x`."""
+  if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+    first = lambda shard: (shard.index[0].start or 0) if shard.index else 0
+    return min(x.addressable_shards, key=first).data
+  return x
+
+
+def all_finite(tree: Any) -> bool:
+  """Whether every float array of `tree` is finite (one jitted reduction on one device).
+
+  Device replicas (a leading device axis, as `pmap` gives) are read from this process's
+  first local replica only: the replicas are identical, and reading other processes' shards
+  would be a collective.
+  """
+  leaves = [
+      _first_replica(x)
+      for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  ]
+  return not leaves or bool(_finite(leaves))
+
+
+class DivergenceGuard:
+  """Raises `Diverged` when the training loss or the train state is no longer finite.
+
+  Call it at every log step and before every checkpoint (and before anything else reads the
+  model, e.g. SelMix's refresh), with the replicated train state and the last step's replicated
+  metrics; its `loss` entry is checked. Costs one jitted `isfinite` reduction over one replica.
+  """
+
+  def __init__(self, stage: str, *, schedule: Callable[[int], Any], lr_field: str, manager):
+    """Args:
+    stage: the stage's name in the message ('Pre-training', 'SelMix fine-tuning').
+    schedule: the optax learning-rate schedule (the message gives its value at the step).
+    lr_field: the config field that sets it, with its value (e.g. `config.pretrain.learning_rate=0.1`).
+    manager: the stage's checkpoint manager (the message names its newest step).
+    """
+    self.stage, self.schedule, self.lr_field, self.manager = stage, schedule, lr_field, manager
+
+  def __call__(self, step: int, state_repl: Any, metrics_repl: Any = None) -> None:
+    loss = None
+    if metrics_repl is not None and "loss" in metrics_repl:
+      loss = float(np.asarray(_first_replica(metrics_repl["loss"])).reshape(-1)[0])
+    if loss is not None and not np.isfinite(loss):
+      self.fail(step, f"the training loss is {loss}")
+    if not all_finite(state_repl):
+      at_loss = "" if loss is None else f", at training loss {loss:.4g}"
+      self.fail(step, f"the train state holds NaN or inf values{at_loss}")
+
+  def fail(self, step: int, what: str) -> None:
+    """Raises `Diverged` for `step` with the reason `what`."""
+    self.manager.wait_until_finished()  # An in-flight save of an earlier (finite) step counts.
+    raise Diverged(
+        stage=self.stage,
+        step=step,
+        what=what,
+        learning_rate=float(self.schedule(max(step - 1, 0))),
+        lr_field=self.lr_field,
+        checkpoint_dir=str(self.manager.directory),
+        last_good_step=self.manager.latest_step(),
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ result does not depend on the number of devices. Leave it `None` for per-device 
 Use `get(name, num_classes=K, **kwargs)`; `names()` lists the registry.
 """
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -271,8 +272,8 @@ def _cifar_resnet(*, num_classes, blocks_per_stage, **kwargs):
   )
 
 
-def _resnet50(*, num_classes, **kwargs):
-  return Classifier(backbone=ResNet(stage_sizes=(3, 4, 6, 3), **kwargs), num_classes=num_classes)
+def _resnet50(*, num_classes, stage_sizes=(3, 4, 6, 3), **kwargs):
+  return Classifier(backbone=ResNet(stage_sizes=stage_sizes, **kwargs), num_classes=num_classes)
 
 
 def _cnn_small(*, num_classes, **kwargs):
@@ -294,23 +295,47 @@ def names() -> list[str]:
   return sorted(_REGISTRY)
 
 
+def accepted_kwargs(name: str) -> tuple[str, ...]:
+  """The backbone options model `name` accepts as keyword arguments (its dataclass fields)."""
+  if name not in _REGISTRY:
+    raise ValueError(f"Unknown model {name!r}; known models: {', '.join(names())}.")
+  backbone = _REGISTRY[name](num_classes=1).backbone  # Constructing a module computes nothing.
+  return tuple(f.name for f in dataclasses.fields(backbone) if f.name not in ("parent", "name"))
+
+
+def check_kwargs(name: str, kwargs, *, field: str | None = None) -> None:
+  """Raises a ValueError for an option model `name` does not accept, listing the accepted ones.
+
+  Args:
+    name: a registered model.
+    kwargs: the options (a mapping).
+    field: the config field holding them (e.g. 'config.model.kwargs'), named in the message.
+  """
+  accepted = accepted_kwargs(name)
+  for key in kwargs:
+    if key not in accepted:
+      problem = f"model {name!r} has no option {key!r}; it accepts {', '.join(accepted)}."
+      if field:
+        raise ValueError(f"{field}.{key}={kwargs[key]!r}: {problem}")
+      raise ValueError(problem[0].upper() + problem[1:])
+
+
 def get(name: str, *, num_classes: int, **kwargs) -> Classifier:
   """Builds a registered model.
 
   Args:
     name: one of `names()`.
     num_classes: K.
-    **kwargs: backbone options, e.g. `bn_axis_name='batch'`, `depth`/`widen_factor` for
-      'wrn', `width` for 'cnn_small'.
+    **kwargs: backbone options (`accepted_kwargs(name)`), e.g. `bn_axis_name='batch'`,
+      `depth`/`widen_factor` for 'wrn', `width` for 'cnn_small'.
 
   Returns:
     A `Classifier` with `__call__(x, train)`, `features(x, train)` and `classify(features)`.
 
   Raises:
-    ValueError: for an unknown name.
+    ValueError: for an unknown name or an option the model does not accept.
   """
-  if name not in _REGISTRY:
-    raise ValueError(f"Unknown model {name!r}; known models: {', '.join(names())}.")
+  check_kwargs(name, kwargs)
   return _REGISTRY[name](num_classes=num_classes, **kwargs)
 
 

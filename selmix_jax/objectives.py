@@ -82,6 +82,31 @@ DEFAULT_HPARAMS = {
 }
 
 
+# The range of each shared hyperparameter: (predicate on a finite float, what it must be).
+HPARAM_RANGES = {
+  "omega": (lambda v: v >= 0, ">= 0"),
+  "beta": (lambda v: True, "a finite number"),
+  "alpha": (lambda v: 0 < v <= 1, "in (0, 1]"),
+  "tau": (lambda v: v > 0, "> 0"),
+  "multiplier_max": (lambda v: v >= 0, ">= 0"),
+  "recall_smoothing": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def hparam_problem(key: str, value: Any) -> str | None:
+  """What is wrong with shared hyperparameter `key=value` ('must be > 0'), or None if fine."""
+  if key not in HPARAM_RANGES:
+    return None
+  ok, expected = HPARAM_RANGES[key]
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    return f"must be a number {expected}"
+  if not (np.isfinite(number) and ok(number)):
+    return f"must be {expected}"
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """An objective: pure callables plus its name.
@@ -185,7 +210,9 @@ def get(name: str, **hparams: Any) -> Objective:
     The `Objective` (its `name` is the registry name, also when `name` is an alias).
 
   Raises:
-    ValueError: unknown name or, for a built-in, an unknown hyperparameter.
+    ValueError: unknown name or, for a built-in, an unknown hyperparameter or one out of its
+      range (`HPARAM_RANGES`: omega >= 0, alpha in (0, 1], tau > 0, multiplier_max >= 0,
+      recall_smoothing >= 0, all finite).
     TypeError: a hyperparameter that cannot be compared (e.g. a dict or a traced array).
   """
   name = canonical_name(name)
@@ -315,7 +342,10 @@ def _register_builtin(name, aliases=()):
         f"known: {sorted(DEFAULT_HPARAMS)}."
       )
     merged = {**DEFAULT_HPARAMS, **hparams}
-    for key in ("omega", "beta", "alpha", "tau", "multiplier_max", "recall_smoothing"):
+    for key in HPARAM_RANGES:
+      problem = hparam_problem(key, merged[key])
+      if problem:
+        raise ValueError(f"Objective {name!r}: {key}={merged[key]!r} {problem}.")
       merged[key] = float(merged[key])
     if merged["head_mask"] is not None:  # A constant tuple: hashable, and not the caller's.
       head_mask = np.asarray(merged["head_mask"], dtype=bool)

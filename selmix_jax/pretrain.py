@@ -2,8 +2,9 @@
 
 The step bodies live in `steps`; `run` builds the state (resuming `<workdir>/checkpoints`), pmaps
 the step, and runs the shared loop (`loop.run`) with log, validation and checkpoint actions; it
-ends with the validation and test metrics of the final model in `summary.json`. Batches are pure
-functions of `(seed, step)`, so a resumed run draws the same batches.
+ends with the validation and test metrics of the final model in `summary.json`. A non-finite loss
+or state at a log or checkpoint step raises `loop.Diverged` instead (`loop.DivergenceGuard`).
+Batches are pure functions of `(seed, step)`, so a resumed run draws the same batches.
 """
 
 import functools
@@ -39,8 +40,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   cfg, ds, t0 = config.pretrain, datasets, time.time()
   model = models.from_config(config.model, ds.num_classes)
   use_ema = cfg.method == "fixmatch" or cfg.get("ema_decay_supervised", 0.0) > 0
+  schedule = _schedule(cfg)
   tx = optim.make_pretrain_optimizer(
-      learning_rate=_schedule(cfg),
+      learning_rate=schedule,
       momentum=cfg.momentum,
       nesterov=cfg.nesterov,
       weight_decay=cfg.weight_decay,
@@ -58,6 +60,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   writer = loop.Writer(workdir)
   key = jax.random.key(config.seed + 1)
   carry = {"state": train_state.replicate(restored["state"]), "metrics": None}
+  guard = loop.DivergenceGuard(
+      "Pre-training",
+      schedule=schedule,
+      lr_field=f"config.pretrain.learning_rate={cfg.learning_rate}",
+      manager=manager,
+  )
 
   def train_step(step):
     batch = _batch(ds, cfg, config.seed, step)
@@ -65,6 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
     return carry["metrics"]
 
   def log(step):
+    guard(step, carry["state"], carry["metrics"])
     scalars = train_state.unreplicate(carry["metrics"])
     writer.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
 
@@ -74,6 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
       writer.scalars(step, reporting.flat_scalars("val", summary))
 
   def save(step):
+    guard(step, carry["state"], carry["metrics"])  # Never checkpoint a non-finite state.
     train_state.save(manager, step, {"state": train_state.unreplicate(carry["state"])})
 
   try:

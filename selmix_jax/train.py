@@ -6,19 +6,25 @@
 - 'pretrain_and_selmix': both in one invocation (`<workdir>/pretrain`, `<workdir>/selmix`), ending
   with a before/after table of every SPEC §2 metric (also in `<workdir>/results.md`).
 
-Config errors (unknown model, data set or objective, batch sizes that do not divide over the
-devices, a missing pre-training checkpoint) are raised by `validate` before any compute.
+Config errors (unknown names, options or data fields; batch sizes that do not divide over the
+devices; non-positive learning rates, step counts or temperatures and other values out of range;
+a missing path) are raised by `validate` as a `ConfigError` naming the field, before any data is
+loaded or anything compiled. A run whose loss or state stops being finite raises `loop.Diverged`
+(last good checkpoint kept); neither writes `run.json`, `results.md` or a `summary.json`.
 """
 
+import math
 import os
 from typing import Any
 
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 from selmix_jax import data
 from selmix_jax import finetune
+from selmix_jax import gains
 from selmix_jax import models
 from selmix_jax import objectives
 from selmix_jax import pairs
@@ -31,8 +37,109 @@ from selmix_jax.data import pipeline
 MODES = ("pretrain", "selmix", "pretrain_and_selmix")
 
 
+class ConfigError(Exception):
+  """A config value the run cannot use, found by `validate` before any compute; the message
+  names the field (`config.selmix.temperature=0.0: must be > 0`)."""
+
+
+class ConfigValueError(ConfigError, ValueError):
+  """An invalid config value."""
+
+
+class ConfigPathError(ConfigError, FileNotFoundError):
+  """A config field names a file or folder that does not exist."""
+
+
+def _int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _real(v) -> bool:
+  return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_POSITIVE_INT = (lambda v: _int(v) and v > 0, "a positive integer")
+_STEPS_OR_0 = (lambda v: _int(v) and v >= 0, "an integer >= 0 (0 = only at the end)")
+_POSITIVE = (lambda v: _real(v) and v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: _real(v) and v >= 0, ">= 0")
+_UNIT = (lambda v: _real(v) and 0 <= v <= 1, "in [0, 1]")
+_DECAY = (lambda v: _real(v) and 0 <= v < 1, "in [0, 1)")
+
+# Ranges of numeric fields: {field: (predicate, what it must be)}, by the stage that reads them.
+_DATA_RANGES = {
+    "labeled_max": (lambda v: v is None or (_int(v) and (v == -1 or v > 0)),
+                    "None or -1 (every example) or a positive count"),
+    "labeled_imbalance": (lambda v: _real(v) and v >= 1, ">= 1 (rho_l)"),
+    "unlabeled_max": (lambda v: _int(v) and v >= -1, "-1 (every example), 0 or a count"),
+    "unlabeled_imbalance": (lambda v: _real(v) and v > 0, "> 0 (rho_u; < 1 inverts the profile)"),
+    "val_per_class": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "digits_test_fraction": (lambda v: _real(v) and 0 < v < 1, "in (0, 1)"),
+    "image_size": (lambda v: v is None or (_int(v) and v > 0), "None or a positive integer"),
+}
+_PRETRAIN_RANGES = {
+    "num_steps": _POSITIVE_INT,
+    "learning_rate": _POSITIVE,
+    "momentum": _DECAY,
+    "weight_decay": _NON_NEGATIVE,
+    "logit_adjust_tau": (_real, "a finite number"),
+    "ema_decay_supervised": _DECAY,
+    "log_every": _POSITIVE_INT,
+    "eval_every": _STEPS_OR_0,
+    "checkpoint_every": _STEPS_OR_0,
+}
+_FIXMATCH_RANGES = {
+    "unlabeled_ratio": _POSITIVE_INT,
+    "threshold": _UNIT,
+    "unlabeled_weight": _NON_NEGATIVE,
+    "ema_decay": _DECAY,
+}
+_SELMIX_RANGES = {
+    "num_steps": _POSITIVE_INT,
+    "learning_rate": _POSITIVE,
+    "backbone_lr_mult": _NON_NEGATIVE,
+    "weight_decay": _NON_NEGATIVE,
+    "mix_weight_min": _UNIT,
+    "temperature": _POSITIVE,
+    "floor": (lambda v: v is None or (_real(v) and 0 <= v <= 1), "None (1/K) or in [0, 1]"),
+    "gain_chunk_size": (lambda v: v is None or (_int(v) and v > 0), "None or a positive integer"),
+    "refresh_every": _POSITIVE_INT,
+    "early_stop_window": _POSITIVE_INT,
+    "early_stop_tol": _NON_NEGATIVE,
+    "log_every": _POSITIVE_INT,
+    "eval_every": _STEPS_OR_0,
+    "checkpoint_every": _STEPS_OR_0,
+}
+
+
+def _check_ranges(section: ml_collections.ConfigDict, prefix: str, ranges) -> None:
+  for name, (ok, expected) in ranges.items():
+    if name in section and not ok(section[name]):
+      raise ValueError(f"{prefix}.{name}={section[name]!r}: must be {expected}.")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks names, batch sizes and paths of `config`; raises ValueError/FileNotFoundError."""
+  """Checks every field `config.mode` uses, before any data is loaded or anything compiled.
+
+  Names, batch sizes (positive multiples of the device count), numeric ranges (positive learning
+  rates, step counts and temperatures, probabilities in [0, 1], ...), the model's options, the
+  objective's hyperparameters, data fields and paths. Warns when `selmix.refresh_every` exceeds
+  `selmix.num_steps` (one refresh, at step 0).
+
+  Raises:
+    ConfigValueError: (a ValueError) naming the field, its value and what it must be.
+    ConfigPathError: (a FileNotFoundError) a path field naming nothing.
+  """
+  try:
+    _validate(config)
+  except ConfigError:
+    raise
+  except FileNotFoundError as e:
+    raise ConfigPathError(str(e)) from e
+  except ValueError as e:  # From the checks here and the registries' (`objectives.get`, ...).
+    raise ConfigValueError(str(e)) from e
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
   if config.mode not in MODES:
     raise ValueError(f"config.mode={config.mode!r}; expected one of {MODES}.")
   if config.model.name not in models.names():
@@ -40,59 +147,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.model.name={config.model.name!r} is not a known model; "
         f"known: {', '.join(models.names())}."
     )
-  if config.data.name not in data.names():
-    raise ValueError(
-        f"config.data.name={config.data.name!r} is not a known data set; "
-        f"known: {', '.join(data.names())}."
-    )
+  models.check_kwargs(
+      config.model.name, config.model.get("kwargs", {}), field="config.model.kwargs"
+  )
+  _validate_data(config.data)
   pipeline.check_global_batch(config.eval_batch_size, field="config.eval_batch_size")
   if config.mode in ("pretrain", "pretrain_and_selmix"):
-    pipeline.check_global_batch(config.pretrain.batch_size, field="config.pretrain.batch_size")
-    if config.pretrain.method not in pretrain.METHODS:
-      raise ValueError(
-          f"config.pretrain.method={config.pretrain.method!r}; expected one of {pretrain.METHODS}."
-      )
-    if config.pretrain.schedule not in pretrain.SCHEDULES:
-      raise ValueError(
-          f"config.pretrain.schedule={config.pretrain.schedule!r}; expected one of "
-          f"{pretrain.SCHEDULES}."
-      )
-    if config.pretrain.method == "fixmatch" and config.data.unlabeled_max == 0:
-      raise ValueError(
-          "config.pretrain.method='fixmatch' needs an unlabeled pool: set "
-          "config.data.unlabeled_max > 0 (-1 = every remaining training example)."
-      )
+    _validate_pretrain(config)
   if config.mode in ("selmix", "pretrain_and_selmix"):
-    if not objectives.is_known(config.objective.name):
-      raise ValueError(
-          f"config.objective.name={config.objective.name!r} is not a known objective; "
-          f"known: {', '.join(objectives.names())}."
-      )
-    objectives.from_config(config.objective)
-    pipeline.check_global_batch(config.selmix.batch_size, field="config.selmix.batch_size")
-    pairs.get(config.selmix.pairs)
-    if config.selmix.partner_pool not in ("labeled", "unlabeled"):
-      raise ValueError(
-          f"config.selmix.partner_pool={config.selmix.partner_pool!r}; expected 'labeled' or "
-          "'unlabeled' (semi-supervised: partners from the pseudo-labelled unlabeled pool)."
-      )
-    if config.selmix.partner_labels not in ("pseudo", "true"):
-      raise ValueError(
-          f"config.selmix.partner_labels={config.selmix.partner_labels!r}; expected 'pseudo' "
-          "(SPEC §5) or 'true' (the unlabeled pool's true labels, the authors' release protocol)."
-      )
-    if config.selmix.partner_pool == "unlabeled" and config.data.unlabeled_max == 0:
-      raise ValueError(
-          "config.selmix.partner_pool='unlabeled' needs an unlabeled pool: set "
-          "config.data.unlabeled_max > 0 (-1 = every remaining training example)."
-      )
-    if config.selmix.refresh_every <= 0:
-      raise ValueError("config.selmix.refresh_every must be a positive number of steps.")
-    if config.selmix.bn_stats not in steps.BN_STATS_MODES:
-      raise ValueError(
-          f"config.selmix.bn_stats={config.selmix.bn_stats!r}; expected 'batch' (each pass's "
-          "own BatchNorm statistics, SPEC §6) or 'running' (the frozen running statistics)."
-      )
+    _validate_selmix(config)
   if config.mode == "selmix":
     path = config.selmix.init_checkpoint
     if not path or not os.path.isdir(path):
@@ -100,6 +163,96 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"config.selmix.init_checkpoint={path!r} is not a directory. Point it at the "
           "`checkpoints` folder of a pre-training run (mode='pretrain')."
       )
+
+
+def _validate_data(cfg: ml_collections.ConfigDict) -> None:
+  if cfg.name not in data.names():
+    raise ValueError(
+        f"config.data.name={cfg.name!r} is not a known data set; known: {', '.join(data.names())}."
+    )
+  known = pipeline.default_config()
+  unknown = sorted(set(cfg) - set(known))
+  if unknown:
+    raise ValueError(
+        f"config.data.{unknown[0]} is not a data field; known: {', '.join(sorted(known))}."
+    )
+  _check_ranges(cfg, "config.data", _DATA_RANGES)
+  if cfg.name == "image_folder":
+    root = cfg.get("root", "")
+    if not root or not os.path.exists(os.path.expanduser(root)):
+      raise FileNotFoundError(
+          f"config.data.root={root!r} does not exist; image_folder needs a folder or .zip "
+          "holding <split>/<class>/*.jpg."
+      )
+
+
+def _validate_pretrain(config: ml_collections.ConfigDict) -> None:
+  cfg = config.pretrain
+  pipeline.check_global_batch(cfg.batch_size, field="config.pretrain.batch_size")
+  if cfg.method not in pretrain.METHODS:
+    raise ValueError(
+        f"config.pretrain.method={cfg.method!r}; expected one of {pretrain.METHODS}."
+    )
+  if cfg.schedule not in pretrain.SCHEDULES:
+    raise ValueError(
+        f"config.pretrain.schedule={cfg.schedule!r}; expected one of {pretrain.SCHEDULES}."
+    )
+  _check_ranges(cfg, "config.pretrain", _PRETRAIN_RANGES)
+  if cfg.method == "fixmatch":
+    _check_ranges(cfg, "config.pretrain", _FIXMATCH_RANGES)
+    if config.data.unlabeled_max == 0:
+      raise ValueError(
+          "config.pretrain.method='fixmatch' needs an unlabeled pool: set "
+          "config.data.unlabeled_max > 0 (-1 = every remaining training example)."
+      )
+
+
+def _validate_selmix(config: ml_collections.ConfigDict) -> None:
+  cfg = config.selmix
+  if not objectives.is_known(config.objective.name):
+    raise ValueError(
+        f"config.objective.name={config.objective.name!r} is not a known objective; "
+        f"known: {', '.join(objectives.names())}."
+    )
+  hparams = {k: v for k, v in config.objective.get("hparams", {}).items() if v is not None}
+  for key, value in hparams.items():
+    problem = objectives.hparam_problem(key, value)
+    if problem:
+      raise ValueError(f"config.objective.hparams.{key}={value!r}: {problem}.")
+  try:
+    objectives.from_config(config.objective)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"config.objective.hparams: {e}") from e
+  pipeline.check_global_batch(cfg.batch_size, field="config.selmix.batch_size")
+  pairs.get(cfg.pairs)
+  _check_ranges(cfg, "config.selmix", _SELMIX_RANGES)
+  if cfg.gain_form not in gains.FORMS:
+    raise ValueError(f"config.selmix.gain_form={cfg.gain_form!r}; expected one of {gains.FORMS}.")
+  if cfg.partner_pool not in ("labeled", "unlabeled"):
+    raise ValueError(
+        f"config.selmix.partner_pool={cfg.partner_pool!r}; expected 'labeled' or "
+        "'unlabeled' (semi-supervised: partners from the pseudo-labelled unlabeled pool)."
+    )
+  if cfg.partner_labels not in ("pseudo", "true"):
+    raise ValueError(
+        f"config.selmix.partner_labels={cfg.partner_labels!r}; expected 'pseudo' "
+        "(SPEC §5) or 'true' (the unlabeled pool's true labels, the authors' release protocol)."
+    )
+  if cfg.partner_pool == "unlabeled" and config.data.unlabeled_max == 0:
+    raise ValueError(
+        "config.selmix.partner_pool='unlabeled' needs an unlabeled pool: set "
+        "config.data.unlabeled_max > 0 (-1 = every remaining training example)."
+    )
+  if cfg.bn_stats not in steps.BN_STATS_MODES:
+    raise ValueError(
+        f"config.selmix.bn_stats={cfg.bn_stats!r}; expected 'batch' (each pass's "
+        "own BatchNorm statistics, SPEC §6) or 'running' (the frozen running statistics)."
+    )
+  if cfg.refresh_every > cfg.num_steps:
+    logging.warning(
+        "config.selmix.refresh_every=%d exceeds config.selmix.num_steps=%d: P is computed "
+        "once, at step 0, and never refreshed.", cfg.refresh_every, cfg.num_steps,
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

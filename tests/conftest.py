@@ -2,7 +2,8 @@
 
 Compiled executables go to a persistent cache in a temporary directory for this session (set
 through the environment, so the subprocesses of multi-process and restart tests share it): a run
-that compiles what an earlier test compiled loads it instead.
+that compiles what an earlier test compiled loads it instead. Its size limit enables JAX's file
+lock around cache reads and writes, which processes sharing the cache need.
 """
 
 import atexit
@@ -20,6 +21,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+  # A size limit turns on the cache's file lock: test processes running side by side then never
+  # read an entry another one is still writing (unlocked, a half-written executable can abort).
+  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
 # TensorFlow is only used for input pipelines; keep it off any accelerator.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 

@@ -167,6 +167,50 @@ def test_progress_counts_completed_steps(monkeypatch):
   assert rates[-1] == pytest.approx(measured, rel=0.25)
 
 
+class _FakeManager:
+  directory = "/runs/x/checkpoints"
+
+  def __init__(self, latest):
+    self.latest = latest
+
+  def wait_until_finished(self):
+    pass
+
+  def latest_step(self):
+    return self.latest
+
+
+def test_all_finite_reads_float_leaves_of_one_replica():
+  tree = {"w": jnp.ones((3, 2)), "step": jnp.asarray(4), "b": np.zeros(2, np.float32)}
+  assert loop.all_finite(train_state.replicate(tree))
+  assert loop.all_finite(tree) and loop.all_finite({})
+  tree["b"] = np.array([0.0, np.inf], np.float32)
+  assert not loop.all_finite(train_state.replicate(tree))
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
+  everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  assert not loop.all_finite(jax.device_put(jnp.asarray(jnp.nan), everywhere))  # 0-d, replicated
+
+
+def test_divergence_guard_names_stage_step_learning_rate_and_last_checkpoint():
+  guard = loop.DivergenceGuard(
+      "Pre-training", schedule=lambda count: 0.5 / (1 + count),
+      lr_field="config.pretrain.learning_rate=0.5", manager=_FakeManager(6),
+  )
+  state = train_state.replicate({"w": jnp.ones(3)})
+  guard(9, state, train_state.replicate({"loss": jnp.asarray(2.0)}))  # finite: no error
+  with pytest.raises(loop.Diverged) as caught:
+    guard(9, state, train_state.replicate({"loss": jnp.asarray(jnp.nan)}))
+  message = str(caught.value)
+  assert "Pre-training diverged at step 9: the training loss is nan" in message
+  assert "learning rate 0.05556 at that step; config.pretrain.learning_rate=0.5" in message
+  assert "last good checkpoint, step 6 in /runs/x/checkpoints, is kept" in message
+  assert caught.value.step == 9 and caught.value.last_good_step == 6
+  nan_state = train_state.replicate({"w": jnp.asarray([1.0, jnp.nan, 0.0])})
+  guard.manager = _FakeManager(None)
+  with pytest.raises(loop.Diverged, match="NaN or inf values, at training loss 1 .* No checkpoint had"):
+    guard(3, nan_state, train_state.replicate({"loss": jnp.asarray(1.0)}))
+
+
 # ------------------------------------------------------------------------ SelMix state
 
 

@@ -83,10 +83,16 @@ def _digits(config, split):
 
 
 def _image_folder(config, split):
+  # Every split is labelled with the training split's class ids (a split missing a class is
+  # warned about; one with a class the training split lacks is an error naming its folder).
+  train_classes = None
+  if split != config.train_split:
+    train_classes = config.class_names or sources.class_folders(config.root, config.train_split)
   return sources.load_image_folder(
     config.root,
     split,
     class_names=config.class_names,
+    train_classes=train_classes,
     image_size=config.image_size,
     cache_dir=config.cache_dir or None,
   )

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from selmix_jax.data import datasets, sources, splits
 
@@ -310,6 +311,37 @@ def _load(config: ml_collections.ConfigDict, split: str) -> Source:
   return datasets.get(config.name).load(config, split)
 
 
+def _load_like(config: ml_collections.ConfigDict, field: str, train: Source, *, labeled=True):
+  """Loads split `config.<field>`, checked to use the training split's class ids.
+
+  A class with no examples there is logged as a warning (its recall is undefined there and
+  left out of the metrics); class names that differ from the training split's, or labels
+  outside its classes, are a ValueError: they would make every count of that split wrong.
+  """
+  split = config[field]
+  source = _load(config, split)
+  where = f"config.data.{field}={split!r} of {config.name}"
+  if tuple(source.class_names) != tuple(train.class_names):
+    raise ValueError(
+      f"{where} has classes {tuple(source.class_names)}, but the training split "
+      f"{config.train_split!r} has {tuple(train.class_names)}: its labels would mean other "
+      "classes. A data set's loader must label every split with the training split's classes."
+    )
+  labels = source.labels
+  if len(labels) and labels.max() >= train.num_classes:
+    raise ValueError(
+      f"{where} has label {labels.max()}, but the training split has {train.num_classes} classes."
+    )
+  if labeled:
+    counts = np.bincount(labels[labels >= 0], minlength=train.num_classes)
+    for k in np.flatnonzero(counts == 0):
+      logging.warning(
+        "%s has no examples of class %r (id %d) of the training split: its recall there is "
+        "undefined and left out of the recall metrics.", where, train.class_names[k], k,
+      )
+  return source
+
+
 def _balanced_val(labels: np.ndarray, num_classes: int, per_class: int, seed: int) -> np.ndarray:
   return splits.split_indices(
     labels, val_per_class=per_class, labeled_counts=np.zeros(num_classes, np.int64), seed=seed
@@ -349,7 +381,10 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
     seed: seed of every split (and of digits' train/test split).
     image_size: side to resize images to: image folders and in-memory TFDS sets
       (None keeps the stored size), and the ImageNet side (None = 224).
-    class_names: image_folder only: class order (None = sorted folder names).
+    class_names: image_folder only: class order (None = the sorted class folders of
+      the training split). Every split is labelled with the training split's classes: a
+      split without a class is logged as a warning (that class is absent there), a class
+      folder the training split lacks is a ValueError naming the folder.
     imagenet100_classes: None = the shipped CMC list, or a list / path of a .txt.
     digits_test_fraction: share of each digits class held out as test (0.3).
     mean, std: per-channel statistics in [0, 1]; None = standard values of the data
@@ -370,11 +405,12 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
 
   Raises:
     KeyError: unknown config field.
-    ValueError: unknown data set, or a class with fewer examples than requested.
+    ValueError: unknown data set, a class with fewer examples than requested, or a split
+      whose classes are not the training split's (names, labels >= K).
   """
   config = _resolve(config)
   train = _load(config, config.train_split)
-  test = _load(config, config.test_split)
+  test = _load_like(config, "test_split", train)
   num_classes = train.num_classes
   labels = train.labels
   available = np.bincount(labels[labels >= 0], minlength=num_classes)
@@ -407,7 +443,7 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
     val_source, val_indices = train, drawn["val"]
   else:
     same_as_test = config.val_split == config.test_split
-    val_source = test if same_as_test else _load(config, config.val_split)
+    val_source = test if same_as_test else _load_like(config, "val_split", train)
     if config.val_per_class > 0:
       val_indices = _balanced_val(val_source.labels, num_classes, config.val_per_class, config.seed)
     else:
@@ -425,7 +461,7 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
   if unlabeled_counts is not None:
     unlabeled = Split(train, drawn["unlabeled"])
   elif not unlabeled_from_train and config.unlabeled_max != 0:
-    pool = _load(config, config.unlabeled_split)
+    pool = _load_like(config, "unlabeled_split", train, labeled=False)
     if config.unlabeled_max == -1:
       unlabeled = Split(pool, np.arange(len(pool)))
     else:

@@ -274,11 +274,40 @@ def _decode(data: bytes, channels: int, image_size: int | None) -> np.ndarray:
   return array if array.ndim == 3 else array[..., None]
 
 
+def _split_folder(tree: _Tree, split: str) -> str:
+  """The folder of `split` in `tree`: `<split>`, or `<top>/<split>` under a single top folder."""
+  if tree.is_folder(split):
+    return split
+  top_folders, _ = tree.listing("")
+  if len(top_folders) == 1 and tree.is_folder(f"{top_folders[0]}/{split}"):
+    return f"{top_folders[0]}/{split}"
+  raise FileNotFoundError(
+    f"No split folder {tree.describe(split)} (expected <root>/{split}/<class>/*.jpg"
+    f"{' or <root>/<top>/' + split + '/<class>/*.jpg' if tree.zip else ''})."
+  )
+
+
+def _root_path(root: str | os.PathLike, split: str) -> pathlib.Path:
+  root = pathlib.Path(root).expanduser().absolute()
+  if not root.exists():
+    raise FileNotFoundError(
+      f"Image folder {root} does not exist (expected {root}/{split}/<class>/*.jpg)."
+    )
+  return root
+
+
+def class_folders(root: str | os.PathLike, split: str) -> tuple[str, ...]:
+  """The sorted class-folder names of `root/<split>` (a directory or .zip), reading no image."""
+  tree = _Tree(_root_path(root, split))
+  return tuple(tree.listing(_split_folder(tree, split))[0])
+
+
 def load_image_folder(
   root: str | os.PathLike,
   split: str,
   *,
   class_names: Sequence[str] | None = None,
+  train_classes: Sequence[str] | None = None,
   image_size: int | None = None,
   channels: int = 3,
   cache_dir: str | os.PathLike | None = DEFAULT_CACHE_DIR,
@@ -295,7 +324,12 @@ def load_image_folder(
     root: folder or .zip file.
     split: sub-folder name, e.g. 'train' or 'test'.
     class_names: class order; default = sorted class-folder names. Every listed class
-      must have a folder; folders not listed are ignored.
+      must have a folder (unless `train_classes` is given); folders not listed are ignored.
+    train_classes: for a split other than the training split: the training split's class
+      list, so that labels are the training split's class ids. A class of it without a
+      folder here simply has no examples in this split (`pipeline.build` warns about it);
+      a class folder that is not in it is an error (unless `class_names` is given, whose
+      unlisted folders are ignored).
     image_size: resize every image to `image_size`² (bilinear); None keeps the stored
       size, which must then be the same for all images.
     channels: 3 (RGB) or 1 (grayscale).
@@ -310,13 +344,10 @@ def load_image_folder(
   Raises:
     FileNotFoundError: `root` or `root/<split>` does not exist.
     ValueError: no class folders, a class folder without images, an unreadable
-      image, mixed image sizes without `image_size`, or a listed class without folder.
+      image, mixed image sizes without `image_size`, a listed class without folder, or
+      a folder of a class not in `train_classes` (the message names the folder).
   """
-  root = pathlib.Path(root).expanduser().absolute()
-  if not root.exists():
-    raise FileNotFoundError(
-      f"Image folder {root} does not exist (expected {root}/{split}/<class>/*.jpg)."
-    )
+  root = _root_path(root, split)
   if channels not in (1, 3):
     raise ValueError(f"channels must be 1 or 3, got {channels}.")
   cache_path = None
@@ -327,6 +358,7 @@ def load_image_folder(
         _fingerprint(root, split),
         split,
         None if class_names is None else list(class_names),
+        None if train_classes is None else list(train_classes),
         image_size,
         channels,
       ]
@@ -341,20 +373,13 @@ def load_image_folder(
         )
 
   tree = _Tree(root)
-  base = split
-  if not tree.is_folder(base):
-    top_folders, _ = tree.listing("")
-    if len(top_folders) == 1 and tree.is_folder(f"{top_folders[0]}/{split}"):
-      base = f"{top_folders[0]}/{split}"
-    else:
-      raise FileNotFoundError(
-        f"No split folder {tree.describe(split)} (expected <root>/{split}/<class>/*.jpg"
-        f"{' or <root>/<top>/' + split + '/<class>/*.jpg' if tree.zip else ''})."
-      )
+  base = _split_folder(tree, split)
   folders, _ = tree.listing(base)
   if not folders:
     raise ValueError(f"{tree.describe(base)} has no class folders (expected {base}/<class>/*.jpg).")
-  if class_names is None:
+  if train_classes is not None:
+    class_names = _classes_of_train(tree, base, folders, class_names, train_classes)
+  elif class_names is None:
     class_names = folders
   else:
     missing = sorted(set(class_names) - set(folders))
@@ -362,6 +387,8 @@ def load_image_folder(
       raise ValueError(f"{tree.describe(base)} has no folder for classes {missing}.")
   paths, labels = [], []
   for k, name in enumerate(class_names):
+    if name not in folders:
+      continue  # A class of the training split that this split lacks (warned about).
     files = [f for f in tree.listing(f"{base}/{name}")[1] if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
       raise ValueError(
@@ -397,6 +424,20 @@ def load_image_folder(
     os.replace(tmp, cache_path)
     logging.info("Cached %s/%s at %s.", root, split, cache_path)
   return source
+
+
+def _classes_of_train(tree, base, folders, class_names, train_classes):
+  """`train_classes` as this split's class list, after checking the split's folders."""
+  train_classes = tuple(train_classes)
+  listed = folders if class_names is None else [f for f in folders if f in class_names]
+  unknown = [f for f in listed if f not in train_classes]
+  if unknown:
+    raise ValueError(
+      f"Class folder {tree.describe(f'{base}/{unknown[0]}')} is not a class of the training "
+      f"split ({', '.join(train_classes)}): its images would get a label the model does not "
+      "have. Remove or rename it, or add that class to the training split."
+    )
+  return train_classes  # Classes without a folder get no examples (`pipeline.build` warns).
 
 
 def _decode_named(path_and_data, channels, image_size, tree):
