@@ -12,7 +12,8 @@ with the cluster's auto-detection; `--coordinator_address=host:port --num_proces
 with a checkpoint (exit status 128 + the signal number); the same command resumes it.
 
 Exit status: 0 done; 1 a command-line error or any other error; 2 an invalid config (the message
-names the field or file; nothing was computed); 3 the training diverged (a NaN/inf loss or state:
+names the field or file; nothing was computed), or a workdir that belongs to another run (in use
+by a live process, or holding checkpoints of another model); 3 the training diverged (a NaN/inf loss or state:
 the message names the stage, step, learning rate and the last good checkpoint, which is kept; no
 summary is written).
 """
@@ -148,7 +149,9 @@ def main(argv):
     jax.distributed.initialize()
   from selmix_jax import train  # pylint: disable=g-import-not-at-top
 
+  from selmix_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from selmix_jax import loop  # pylint: disable=g-import-not-at-top
+  from selmix_jax import workdir  # pylint: disable=g-import-not-at-top
 
   config = _loaded_config()
   logging.info("Config:\n%s", config)
@@ -156,6 +159,10 @@ def main(argv):
     train.train_and_evaluate(config, _WORKDIR.value)
   except train.ConfigError as e:
     logging.error("Invalid config: %s", e)
+    sys.exit(EXIT_CONFIG)
+  except (checkpointing.CheckpointMismatchError, workdir.WorkdirInUseError) as e:
+    # The workdir belongs to another run: one clear line, no traceback.
+    logging.error("%s", e)
     sys.exit(EXIT_CONFIG)
   except loop.Preempted as e:
     logging.warning("%s", e)
