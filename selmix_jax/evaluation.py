@@ -2,7 +2,8 @@
 
 Every example of the evaluated split is counted exactly once, whatever the batch size, device
 count and process count: the last batch is padded and carries `mask=False` rows that the
-per-device step ignores; each process loads and evaluates only its slice of every batch;
+per-device step ignores; each process loads and evaluates only its slice of every batch
+(streamed like training batches: `loader.Feed`, worker processes for decode-on-access sources);
 confusion counts are `psum`'d across all devices inside the step, and the per-device feature sums
 and predictions are combined on the host in a fixed global order (`evaluate`), so a multi-process
 run computes exactly what one process computes over the same devices.
@@ -21,6 +22,7 @@ from selmix_jax import metrics
 from selmix_jax import steps
 from selmix_jax import train_state
 from selmix_jax.data import augment
+from selmix_jax.data import loader
 from selmix_jax.data import pipeline
 
 
@@ -78,7 +80,15 @@ def make_p_eval_step(model, *, num_classes: int, preprocess_fn: Callable[..., An
 _add = jax.jit(lambda a, b: jax.tree.map(jax.numpy.add, a, b))
 
 
-def evaluate(p_eval_step, variables_repl, source, indices, *, batch_size: int) -> EvalResult:
+def evaluate(
+    p_eval_step,
+    variables_repl,
+    source,
+    indices,
+    *,
+    batch_size: int,
+    options: loader.Options | None = None,
+) -> EvalResult:
   """Runs one exact pass over `source[indices]`, each process over its share of every batch.
 
   Counts stay on the devices until the pass ends: integer counts are psum'd over all devices
@@ -93,22 +103,21 @@ def evaluate(p_eval_step, variables_repl, source, indices, *, batch_size: int) -
     source: a data source (see `selmix_jax.data.sources`).
     indices: `[N]` example indices into `source`.
     batch_size: global evaluation batch size (divisible by the number of devices).
+    options: how batches are loaded (workers for a decode-on-access source, prefetch depth);
+      None = `loader.Options()`.
   """
-  totals, preds, max_prob, masks = None, [], [], []
-  for batch in pipeline.eval_batches(
-      source,
-      indices,
-      batch_size,
-      num_devices=jax.local_device_count(),
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-  ):
-    out = p_eval_step(variables_repl, batch)
-    counts = {k: out[k] for k in ("confusion", "feature_sums", "class_counts")}
-    totals = counts if totals is None else _add(totals, counts)
-    preds.append(train_state.local_replicas(out["preds"]).reshape(-1))
-    max_prob.append(train_state.local_replicas(out["max_prob"]).reshape(-1))
-    masks.append(np.asarray(batch["mask"]).reshape(-1))
+  layout = pipeline.Layout.local()
+  index, mask = pipeline.eval_plan(indices, batch_size, layout)
+  batches = pipeline.EvalBatches(source, index, mask, layout.num_devices)
+  totals, preds, max_prob = None, [], []
+  decodes = pipeline.decodes_on_access(source)
+  with loader.Feed(batches, 0, len(batches), options=options, decodes=decodes) as feed:
+    for batch in feed:
+      out = p_eval_step(variables_repl, batch)
+      counts = {k: out[k] for k in ("confusion", "feature_sums", "class_counts")}
+      totals = counts if totals is None else _add(totals, counts)
+      preds.append(train_state.local_replicas(out["preds"]).reshape(-1))
+      max_prob.append(train_state.local_replicas(out["max_prob"]).reshape(-1))
   if totals is None:
     raise ValueError("Cannot evaluate an empty split.")
   # Per device [n_local, K, D] -> every device of every process, in global order.
@@ -116,7 +125,7 @@ def evaluate(p_eval_step, variables_repl, source, indices, *, batch_size: int) -
       train_state.local_replicas(totals["feature_sums"]).astype(np.float64)
   )
   in_order = lambda x: _gather_processes(np.stack(x)).transpose(1, 0, 2).reshape(-1)
-  mask = in_order(masks)
+  mask = in_order(mask)  # The plan's [num_batches, b] masks, already on the host.
   result = EvalResult(
       confusion=train_state.local_replicas(totals["confusion"])[0].astype(np.int64),
       feature_sums=feature_sums.reshape(-1, *feature_sums.shape[-2:]).sum(axis=0),
@@ -139,9 +148,14 @@ def _gather_processes(x: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x))
 
 
-def evaluate_split(p_eval_step, variables_repl, split, *, batch_size: int) -> EvalResult:
+def evaluate_split(
+    p_eval_step, variables_repl, split, *, batch_size: int, options: loader.Options | None = None
+) -> EvalResult:
   """`evaluate` over a `data.pipeline.Split` (its source and indices)."""
-  return evaluate(p_eval_step, variables_repl, split.source, split.indices, batch_size=batch_size)
+  return evaluate(
+      p_eval_step, variables_repl, split.source, split.indices, batch_size=batch_size,
+      options=options,
+  )
 
 
 class Evaluator:
@@ -151,7 +165,16 @@ class Evaluator:
   `use_ema`) on a `data.Split` and returns the `EvalResult`.
   """
 
-  def __init__(self, model, datasets, *, batch_size: int, use_ema: bool = False):
+  def __init__(
+      self,
+      model,
+      datasets,
+      *,
+      batch_size: int,
+      use_ema: bool = False,
+      options: loader.Options | None = None,
+  ):
+    self.options = options
     self.p_eval_step = make_p_eval_step(
         model,
         num_classes=datasets.num_classes,
@@ -164,4 +187,6 @@ class Evaluator:
     if name:
       logging.info("Evaluating %s (%d examples).", name, len(split))
     variables = state_repl.eval_variables(use_ema=self.use_ema)
-    return evaluate_split(self.p_eval_step, variables, split, batch_size=self.batch_size)
+    return evaluate_split(
+        self.p_eval_step, variables, split, batch_size=self.batch_size, options=self.options
+    )

@@ -3,9 +3,11 @@
 The step bodies live in `steps`; `run` builds the state (resuming `<workdir>/checkpoints`), pmaps
 the step, and runs the shared loop (`loop.run`) with log, validation and checkpoint actions; it
 ends with the validation and test metrics of the final model in `summary.json`. Batches are pure
-functions of `(seed, step)`, so a resumed run draws the same batches.
+functions of `(seed, step)`, so a resumed run draws the same batches; one `loader.Feed` loads them
+ahead for the whole run.
 """
 
+import dataclasses
 import functools
 import os
 import time
@@ -24,6 +26,7 @@ from selmix_jax import reporting
 from selmix_jax import steps
 from selmix_jax import train_state
 from selmix_jax.data import augment
+from selmix_jax.data import loader
 from selmix_jax.data import pipeline
 
 METHODS = ("supervised", "fixmatch")
@@ -51,13 +54,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   if resumed_at is not None:
     logging.info("Resumed pre-training from step %d.", resumed_at)
   p_train_step = make_train_step(cfg, ds)
-  evaluate = evaluation.Evaluator(model, ds, batch_size=config.eval_batch_size, use_ema=use_ema)
+  options = loader.Options.from_config(config.data)
+  evaluate = evaluation.Evaluator(
+      model, ds, batch_size=config.eval_batch_size, use_ema=use_ema, options=options
+  )
   writer = loop.Writer(workdir)
   key = jax.random.key(config.seed + 1)
   carry = {"state": train_state.replicate(restored["state"]), "metrics": None}
+  batches = make_batches(ds, cfg, config.seed, pipeline.Layout.local())
+  feed = loader.Feed(
+      batches, int(resumed_at or 0), cfg.num_steps, options=options, decodes=batches.decodes
+  )
 
   def train_step(step):
-    batch = _batch(ds, cfg, config.seed, step)
+    batch = feed.next(step)
     carry["state"], carry["metrics"] = p_train_step(carry["state"], batch, key)
     return carry["metrics"]
 
@@ -86,6 +96,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
         progress=loop.Progress(cfg.num_steps, writer),
     )
   finally:
+    feed.close()
     manager.wait_until_finished()  # On any exit, let an in-flight asynchronous save finish.
     manager.close()
 
@@ -139,23 +150,38 @@ def make_train_step(cfg: ml_collections.ConfigDict, ds):
   return jax.pmap(body, axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,))
 
 
-def _batch(ds, cfg, seed: int, step: int) -> dict[str, Any]:
-  """The global batch of `step`, derived from (seed, step) only, so resumption is exact."""
-  picks = pipeline.uniform_indices(len(ds.labeled.indices), cfg.batch_size, seed=seed, step=step)
-  batch = pipeline.train_batch(ds.labeled.source, ds.labeled.indices[pipeline.process_share(picks)])
+def make_batches(ds, cfg: ml_collections.ConfigDict, seed: int, layout: pipeline.Layout):
+  """The picklable `step -> batch` of pre-training: a function of `(seed, step)` only."""
+  labeled = pipeline.UniformBatches(ds.labeled, cfg.batch_size, seed, layout)
   if cfg.method != "fixmatch":
-    return batch
-  num_unlabeled = cfg.batch_size * cfg.unlabeled_ratio
-  picks_u = pipeline.uniform_indices(
-      len(ds.unlabeled.indices), num_unlabeled, seed=seed + 1, step=step
+    return _Batches(labeled)
+  unlabeled = pipeline.UniformBatches(
+      ds.unlabeled, cfg.batch_size * cfg.unlabeled_ratio, seed + 1, layout
   )
-  unlabeled = pipeline.train_batch(
-      ds.unlabeled.source, ds.unlabeled.indices[pipeline.process_share(picks_u)]
-  )
-  return {
-      "labeled_images": batch["images"],
-      "labels": batch["labels"],
-      "labeled_index": batch["index"],
-      "unlabeled_images": unlabeled["images"],
-      "unlabeled_index": unlabeled["index"],
-  }
+  return _Batches(labeled, unlabeled)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batches:
+  """Supervised batches of `labeled`, or FixMatch's labeled + unlabeled batches of a step."""
+
+  labeled: pipeline.UniformBatches
+  unlabeled: pipeline.UniformBatches | None = None
+
+  @property
+  def decodes(self) -> bool:
+    splits = (self.labeled.split,) + ((self.unlabeled.split,) if self.unlabeled else ())
+    return any(pipeline.decodes_on_access(split.source) for split in splits)
+
+  def __call__(self, step: int) -> dict[str, Any]:
+    batch = self.labeled(step)
+    if self.unlabeled is None:
+      return batch
+    unlabeled = self.unlabeled(step)
+    return {
+        "labeled_images": batch["images"],
+        "labels": batch["labels"],
+        "labeled_index": batch["index"],
+        "unlabeled_images": unlabeled["images"],
+        "unlabeled_index": unlabeled["index"],
+    }
