@@ -156,3 +156,25 @@ def test_semi_supervised_path_uses_pseudo_labelled_partners(tmp_path):
   true_labels = data.build(config.data).unlabeled.labels
   np.testing.assert_array_equal(oracle_state["partner_labels"], true_labels)
   assert not np.array_equal(partner_labels, true_labels)  # the pseudo-labels differ somewhere
+
+
+def test_selmix_feeds_end_at_refreshes(uninterrupted, tmp_path, monkeypatch):
+  """Each SelMix feed streams one refresh interval: none reads a batch past the next refresh."""
+  from selmix_jax.data import loader  # pylint: disable=g-import-not-at-top
+
+  full_dir, _ = uninterrupted
+  spans, feed_cls = [], loader.Feed
+
+  def recording_feed(load, start, stop, **kwargs):
+    if type(load).__name__ == "PairBatches":
+      spans.append((start, stop))
+    return feed_cls(load, start, stop, **kwargs)
+
+  monkeypatch.setattr(loader, "Feed", recording_feed)
+  config = default.get_config("tiny")
+  with config.unlocked():
+    config.mode = "selmix"
+    config.selmix.refresh_every = 5  # 0, 5, 10: the last interval is cut by num_steps = 12
+    config.selmix.init_checkpoint = os.path.join(full_dir, "pretrain", "checkpoints")
+  train.train_and_evaluate(config, str(tmp_path))
+  assert spans == [(0, 5), (5, 10), (10, 12)]
