@@ -121,7 +121,9 @@ class _Run:
     self.p_train_step = jax.pmap(
         functools.partial(
             steps.selmix_step,
-            preprocess_fn=augment.make_preprocess("weak", mean=ds.mean, std=ds.std),
+            preprocess_fn=augment.make_preprocess(
+                "weak", mean=ds.mean, std=ds.std, crop=config.data.train_augment
+            ),
             mix_weight_min=cfg.mix_weight_min,
             bn_stats=cfg.bn_stats,
             axis_name="batch",

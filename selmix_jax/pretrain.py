@@ -53,7 +53,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   restored, resumed_at = train_state.restore(manager, {"state": state})
   if resumed_at is not None:
     logging.info("Resumed pre-training from step %d.", resumed_at)
-  p_train_step = make_train_step(cfg, ds)
+  p_train_step = make_train_step(cfg, ds, train_augment=config.data.train_augment)
   options = loader.Options.from_config(config.data)
   evaluate = evaluation.Evaluator(
       model, ds, batch_size=config.eval_batch_size, use_ema=use_ema, options=options
@@ -122,10 +122,16 @@ def _schedule(cfg: ml_collections.ConfigDict):
   raise ValueError(f"config.pretrain.schedule={cfg.schedule!r}; expected one of {SCHEDULES}.")
 
 
-def make_train_step(cfg: ml_collections.ConfigDict, ds):
-  """The pmapped pre-training step for `cfg.method` on data set `ds`."""
+def make_train_step(cfg: ml_collections.ConfigDict, ds, *, train_augment: str = "pad_crop"):
+  """The pmapped pre-training step for `cfg.method` on data set `ds`.
+
+  `train_augment` is the crop of the weak views (`config.data.train_augment`): 'pad_crop' or
+  'random_resized_crop'.
+  """
   la = steps.logit_adjustment(ds.labeled_class_counts, cfg.logit_adjust_tau)
-  preprocess = functools.partial(augment.make_preprocess, mean=ds.mean, std=ds.std)
+  preprocess = functools.partial(
+      augment.make_preprocess, mean=ds.mean, std=ds.std, crop=train_augment
+  )
   if cfg.method == "supervised":
     body = functools.partial(
         steps.supervised_step,

@@ -26,6 +26,7 @@ from selmix_jax import pretrain
 from selmix_jax import reporting
 from selmix_jax import steps
 from selmix_jax import workdir as workdir_lib
+from selmix_jax.data import augment
 from selmix_jax.data import pipeline
 
 MODES = ("pretrain", "selmix", "pretrain_and_selmix")
@@ -46,6 +47,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"known: {', '.join(data.names())}."
     )
   pipeline.check_global_batch(config.eval_batch_size, field="config.eval_batch_size")
+  if config.data.train_augment not in augment.CROPS:
+    raise ValueError(
+        f"config.data.train_augment={config.data.train_augment!r}; expected one of "
+        f"{augment.CROPS} (the crop of the weak training views)."
+    )
   if config.mode in ("pretrain", "pretrain_and_selmix"):
     pipeline.check_global_batch(config.pretrain.batch_size, field="config.pretrain.batch_size")
     if config.pretrain.method not in pretrain.METHODS:

@@ -10,6 +10,7 @@ from selmix_jax import data
 from selmix_jax import models
 from selmix_jax import objectives
 from selmix_jax import train
+from selmix_jax.data import augment
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIGS = sorted(
@@ -60,6 +61,7 @@ def test_config_loads_and_names_known_parts(path):
     assert config.model.name in models.names()
     assert config.data.name in data.names()
     assert config.mode in train.MODES
+    assert config.data.train_augment in augment.CROPS
     if config.mode != "pretrain":
       assert config.objective.name in objectives.names()
       objectives.get(config.objective.name, **config.objective.hparams)
@@ -88,3 +90,12 @@ def test_cifar10_ssl_unlabeled_split_option():
   assert default.data.unlabeled_imbalance == 100.0 and default.selmix.temperature == 0.1
   with pytest.raises(ValueError, match="rho_u=<one of 100, 1, 0.01>"):
     module.get_config("min_recall,rho_u=10")
+
+
+def test_imagenet_configs_train_on_random_resized_crops():
+  for name in ("imagenet100_lt_ssl.py", "imagenet_lt_sup.py"):
+    config = _load(os.path.join(_REPO, "configs", name)).get_config("min_recall")
+    assert config.data.train_augment == "random_resized_crop", name
+  assert _load(os.path.join(_REPO, "configs", "default.py")).get_config().data.train_augment == (
+    "pad_crop"
+  )

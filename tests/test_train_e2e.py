@@ -113,6 +113,7 @@ def test_checkpoint_of_another_model_is_rejected_clearly(uninterrupted, tmp_path
     ("data.name", "cifar11", ValueError, "known data set"),
     ("selmix.batch_size", 30, ValueError, "multiple of the number of devices"),
     ("selmix.bn_stats", "frozen", ValueError, "bn_stats='frozen'.*'batch'"),
+    ("data.train_augment", "crop", ValueError, "train_augment='crop'.*random_resized_crop"),
   ],
 )
 def test_config_errors_fail_before_compute(field, value, error, match, tmp_path):

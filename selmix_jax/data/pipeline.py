@@ -414,9 +414,10 @@ def default_config() -> ml_collections.ConfigDict:
       "digits_test_fraction": 0.3,
       "mean": optional(tuple),
       "std": optional(tuple),
-      # Read by the trainers (`loader.Options`), not by `build`.
+      # Read by the trainers (`loader.Options`, `augment.make_preprocess`), not by `build`.
       "num_workers": -1,
       "prefetch": 2,
+      "train_augment": "pad_crop",
     }
   )
 
@@ -490,6 +491,9 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
       -1 = every CPU but one (at most 32), 0 = a background thread of the training process.
       In-memory sources are always gathered by the thread.
     prefetch: batches transferred to the devices ahead of the step that uses them.
+    train_augment: the crop of every weak training view (pre-training, FixMatch's weak and
+      strong views, SelMix): 'pad_crop' (flip + reflect-pad-4 crop, CIFAR) or
+      'random_resized_crop' (torchvision's RandomResizedCrop + flip, ImageNet).
 
   SPEC §8 settings, e.g. CIFAR-10-LT SSL: name='cifar10', labeled_max=1500,
   labeled_imbalance=100, unlabeled_max=3000, unlabeled_imbalance=100 (or 1, or
