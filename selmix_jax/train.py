@@ -41,6 +41,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"config.model.name={config.model.name!r} is not a known model; "
         f"known: {', '.join(models.names())}."
     )
+  if config.model.dtype not in models.DTYPES:
+    raise ValueError(
+        f"config.model.dtype={config.model.dtype!r}; expected one of {models.DTYPES}."
+    )
   if config.data.name not in data.names():
     raise ValueError(
         f"config.data.name={config.data.name!r} is not a known data set; "

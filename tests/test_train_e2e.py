@@ -27,6 +27,19 @@ def _final_params(workdir):
   return step, tree["state"]["params"], tree["selmix"]
 
 
+def _finetune_config(pretrain_workdir, **overrides):
+  """The tiny config's SelMix stage alone, from `<pretrain_workdir>/pretrain/checkpoints`;
+  `overrides` are `'section.field': value` (e.g. `**{'model.dtype': 'bfloat16'}`)."""
+  config = default.get_config("tiny")
+  with config.unlocked():
+    config.mode = "selmix"
+    config.selmix.init_checkpoint = os.path.join(pretrain_workdir, "pretrain", "checkpoints")
+    for field, value in overrides.items():
+      section, name = field.split(".")
+      setattr(config[section], name, value)
+  return config
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("full"))
@@ -96,11 +109,9 @@ def test_resume_after_preemption_matches_uninterrupted_run(uninterrupted, tmp_pa
 
 def test_checkpoint_of_another_model_is_rejected_clearly(uninterrupted, tmp_path):
   full_dir, _ = uninterrupted
-  config = default.get_config("tiny")
+  config = _finetune_config(full_dir)
   with config.unlocked():
-    config.mode = "selmix"
     config.model.kwargs.width = 16  # the checkpoint holds width 8
-    config.selmix.init_checkpoint = os.path.join(full_dir, "pretrain", "checkpoints")
   with pytest.raises(ValueError, match="shape"):
     train.train_and_evaluate(config, str(tmp_path))
 
@@ -114,6 +125,7 @@ def test_checkpoint_of_another_model_is_rejected_clearly(uninterrupted, tmp_path
     ("selmix.batch_size", 30, ValueError, "multiple of the number of devices"),
     ("selmix.bn_stats", "frozen", ValueError, "bn_stats='frozen'.*'batch'"),
     ("data.train_augment", "crop", ValueError, "train_augment='crop'.*random_resized_crop"),
+    ("model.dtype", "float16", ValueError, "dtype='float16'.*bfloat16"),
   ],
 )
 def test_config_errors_fail_before_compute(field, value, error, match, tmp_path):
@@ -172,10 +184,17 @@ def test_selmix_feeds_end_at_refreshes(uninterrupted, tmp_path, monkeypatch):
     return feed_cls(load, start, stop, **kwargs)
 
   monkeypatch.setattr(loader, "Feed", recording_feed)
-  config = default.get_config("tiny")
-  with config.unlocked():
-    config.mode = "selmix"
-    config.selmix.refresh_every = 5  # 0, 5, 10: the last interval is cut by num_steps = 12
-    config.selmix.init_checkpoint = os.path.join(full_dir, "pretrain", "checkpoints")
-  train.train_and_evaluate(config, str(tmp_path))
+  # Refreshes at 0, 5, 10: the last interval is cut by num_steps = 12.
+  train.train_and_evaluate(_finetune_config(full_dir, **{"selmix.refresh_every": 5}), str(tmp_path))
   assert spans == [(0, 5), (5, 10), (10, 12)]
+
+
+def test_selmix_in_bfloat16_keeps_float32_parameters_and_gains(uninterrupted, tmp_path):
+  full_dir, _ = uninterrupted
+  config = _finetune_config(full_dir, **{"model.dtype": "bfloat16", "selmix.num_steps": 4})
+  result = train.train_and_evaluate(config, str(tmp_path))
+  _, params, selmix_state = _final_params(str(tmp_path))
+  assert {np.asarray(x).dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+  assert np.asarray(selmix_state["gain"]).dtype == np.float32
+  assert np.isfinite(np.asarray(selmix_state["gain"])).all()
+  assert np.asarray(result["after"]["test"]["confusion"]).sum() > 0
