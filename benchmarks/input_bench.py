@@ -6,7 +6,9 @@ Part `stream` (the streaming path, `loader.Feed`, on generated JPEGs):
     decoded, shorter side resized to 224, centre-cropped), as a TFDS ImageNet source is;
   * images/s of decode + resize: synchronously in this process (one thread), and through
     `loader.Feed` with 1, 2, ... worker processes (`--workers`; steady state after the first
-    batch, whose wait — worker start-up — is listed apart);
+    batch, whose wait — worker start-up — is listed apart); then the same batches from a plain
+    `multiprocessing.Pool` of as many processes, returned (pickled through pipes) or decoded and
+    dropped (the machine's own scaling for this work), for reference;
   * the training loop's time per step against its host time (loading a batch, 1 worker) and its
     device time (a supervised step of `cnn_small`, `--width`, at 224 px with `--augment` on a
     batch already on the device) measured apart. The device is one CPU core
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing
 import os
 import pathlib
 import statistics
@@ -69,6 +72,16 @@ class SleepingBatches:
     del step
     time.sleep(self.seconds)
     return self.batch
+
+
+class DiscardBatches:
+  """`load(step)` decoded and dropped: the decoding alone, without returning the batch."""
+
+  def __init__(self, load):
+    self.load = load
+
+  def __call__(self, step):
+    self.load(step)
 
 
 def write_jpegs(folder: pathlib.Path, n: int, seed: int = 0) -> list[pathlib.Path]:
@@ -137,7 +150,16 @@ def stream_tables(args) -> None:
         jax.block_until_ready(feed.next(step))
       return first, (time.perf_counter() - start) / args.steps
 
-  rates = {}
+  def pool_rate(workers, load):
+    # The machine's own scaling: the same work in a plain multiprocessing pool.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+      pool.map(load, range(workers))  # start-up
+      start = time.perf_counter()
+      for _ in pool.imap(load, range(args.steps), chunksize=1):
+        pass
+      return (time.perf_counter() - start) / args.steps
+
+  rates, pool_rates = {}, {}
   for workers in args.workers:
     first, per_batch = feed_rate(workers)
     rates[workers] = args.batch / per_batch
@@ -149,13 +171,29 @@ def stream_tables(args) -> None:
         rates[workers],
       )
     )
+  for name, load in (("batches returned", batches), ("decode only", DiscardBatches(batches))):
+    for workers in args.workers:
+      per_batch = pool_rate(workers, load)
+      pool_rates[name, workers] = args.batch / per_batch
+      rows.append(
+        (
+          f"reference: multiprocessing.Pool, {workers} process(es), {name}",
+          "-",
+          f"{per_batch * 1e3:.0f}",
+          pool_rates[name, workers],
+        )
+      )
   print()
   print("| decode + resize to 224 | first batch s | ms / batch | images/s |")
   print("|---|---:|---:|---:|")
   for name, first, ms, rate in rows:
     print(f"| {name} | {first} | {ms} | {rate:,.0f} |")
   if 1 in rates and 2 in rates:
-    print(f"\n2 workers / 1 worker: {rates[2] / rates[1]:.2f}x")
+    print(
+      f"\n2 workers / 1 worker: {rates[2] / rates[1]:.2f}x (loader.Feed), "
+      f"{pool_rates['decode only', 2] / pool_rates['decode only', 1]:.2f}x (the machine's own "
+      "scaling: multiprocessing.Pool, decode only)"
+    )
 
   # The loop: host (1 worker) and device (one core) apart, then together.
   model = models.get("cnn_small", num_classes=10, width=args.width)
