@@ -20,6 +20,7 @@ _TRAIN = [
     "absl-py>=2.1,<3",
     "tensorboardX>=2.6,<3",  # TensorBoard event files without TensorFlow
     "dm-pix>=0.4.3,<0.5",
+    "grain>=0.2.18,<0.3",  # streaming input: worker processes + device prefetch, no TensorFlow
     "scikit-learn>=1.4,<2",  # the bundled digits data set of the default run
     "pillow>=10,<14",
     "matplotlib>=3.8,<4",

@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "cnn_small"
   config.model.kwargs = ml_collections.ConfigDict()
+  # Backbone compute dtype: 'float32' or 'bfloat16' (parameters, optimiser state, BatchNorm
+  # statistics, logits, losses, metrics and gains stay float32).
+  config.model.dtype = "float32"
 
   # Pre-training (SPEC §7).
   config.pretrain = ml_collections.ConfigDict()

@@ -18,8 +18,11 @@ classes are the list shipped in `selmix_jax/data`. Pre-training as the release's
 `configs/imagenet100/pretraining/fixmatchLA.yaml`: 2^20 steps, batch 256 (+ 512 unlabeled),
 lr 0.4 (cosine 7/16), weight decay 3e-4, confidence threshold 0.7, unlabeled loss weight 10.
 The release augments with RandomResizedCrop(224) (+ flip; RandAugment for the strong view) and
-evaluates on Resize(256) + CenterCrop(224); ours uses the pad-and-crop weak view and a
-shorter-side resize to 224 + centre crop (no switch for either exists yet).
+evaluates on Resize(256) + CenterCrop(224); ours uses RandomResizedCrop + flip too
+(`data.train_augment`, on device, from the stored shorter-side-224 centre square rather than the
+original file; strong view: + RandAugment + Cutout) and evaluates on a shorter-side resize to 224
++ centre crop (no switch for Resize(256) exists yet). JPEGs decode in worker processes
+(`data.num_workers`, default every CPU but one).
 ImageNet has at most 1300 training images per class and 433 + 866 of them are drawn, which leaves
 no room for a held-out validation set: validation is a balanced 10-per-class subset of the official
 validation split, and the test set is the rest of that split (the two never overlap; the release
@@ -45,6 +48,7 @@ def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:
   config.data.val_split = "validation"
   config.data.val_per_class = 10
   config.data.val_flip = False
+  config.data.train_augment = "random_resized_crop"  # as the release (was pad-and-crop)
   config.model.name = "resnet50"
   config.eval_batch_size = 512
   # FixMatch(LA) pre-training values of the release (fixmatchLA.yaml).

@@ -11,6 +11,8 @@ Expected (SPEC §9, x100, paper, from MiSLAS): mean recall 52.4 -> 52.8 (SelMix 
 min head-tail recall 29.7 -> 45.1 (SelMix min_head_tail_recall).
 The authors' release has no ImageNet-LT configs or checkpoints; early stopping is on as in
 its fine-tuning. Batch 256 is ours (the release fine-tunes its other settings with 64).
+Training views are RandomResizedCrop + flip (`data.train_augment`); JPEGs decode in worker
+processes (`data.num_workers`).
 """
 
 import ml_collections
@@ -24,6 +26,7 @@ def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:
   config.data.image_size = 224
   config.data.labeled_max = -1
   config.data.val_per_class = 0
+  config.data.train_augment = "random_resized_crop"  # the standard ImageNet recipe (+ flip)
   config.model.name = "resnet50"
   config.pretrain.method = "supervised"
   config.pretrain.num_steps = 100_000

@@ -2,7 +2,8 @@
 
 Every example of the evaluated split is counted exactly once, whatever the batch size, device
 count and process count: the last batch is padded and carries `mask=False` rows that the
-per-device step ignores; each process loads and evaluates only its slice of every batch;
+per-device step ignores; each process loads and evaluates only its slice of every batch
+(streamed like training batches: `loader.Feed`, worker processes for decode-on-access sources);
 confusion counts are `psum`'d across all devices inside the step, and the per-device feature sums
 and predictions are combined on the host in a fixed global order (`evaluate`), so a multi-process
 run computes exactly what one process computes over the same devices.
@@ -25,6 +26,7 @@ from selmix_jax import metrics
 from selmix_jax import steps
 from selmix_jax import train_state
 from selmix_jax.data import augment
+from selmix_jax.data import loader
 from selmix_jax.data import pipeline
 
 
@@ -89,6 +91,7 @@ def evaluate(
     indices,
     *,
     batch_size: int,
+    options: loader.Options | None = None,
     name: str = "",
     announce: bool = True,
 ) -> EvalResult:
@@ -106,29 +109,27 @@ def evaluate(
     source: a data source (see `selmix_jax.data.sources`).
     indices: `[N]` example indices into `source`.
     batch_size: global evaluation batch size (divisible by the number of devices).
+    options: how batches are loaded (workers for a decode-on-access source, prefetch depth);
+      None = `loader.Options()`.
     name: what is evaluated, for the progress log ('' logs nothing).
     announce: with a `name`, also log the end of the pass (progress is logged every 30 s).
   """
-  totals, preds, max_prob, masks = None, [], [], []
-  num_batches = -(-len(indices) // batch_size)
+  layout = pipeline.Layout.local()
+  index, mask = pipeline.eval_plan(indices, batch_size, layout)
+  batches = pipeline.EvalBatches(source, index, mask, layout.num_devices)
+  totals, preds, max_prob = None, [], []
+  decodes = pipeline.decodes_on_access(source)
   start = last_log = time.monotonic()
-  for batch in pipeline.eval_batches(
-      source,
-      indices,
-      batch_size,
-      num_devices=jax.local_device_count(),
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-  ):
-    out = p_eval_step(variables_repl, batch)
-    counts = {k: out[k] for k in ("confusion", "feature_sums", "class_counts")}
-    totals = counts if totals is None else _add(totals, counts)
-    preds.append(train_state.local_replicas(out["preds"]).reshape(-1))
-    max_prob.append(train_state.local_replicas(out["max_prob"]).reshape(-1))
-    masks.append(np.asarray(batch["mask"]).reshape(-1))
-    if name and time.monotonic() - last_log > 30:
-      last_log = time.monotonic()
-      logging.info("Evaluating %s: batch %d/%d.", name, len(preds), num_batches)
+  with loader.Feed(batches, 0, len(batches), options=options, decodes=decodes) as feed:
+    for batch in feed:
+      out = p_eval_step(variables_repl, batch)
+      counts = {k: out[k] for k in ("confusion", "feature_sums", "class_counts")}
+      totals = counts if totals is None else _add(totals, counts)
+      preds.append(train_state.local_replicas(out["preds"]).reshape(-1))
+      max_prob.append(train_state.local_replicas(out["max_prob"]).reshape(-1))
+      if name and time.monotonic() - last_log > 30:
+        last_log = time.monotonic()
+        logging.info("Evaluating %s: batch %d/%d.", name, len(preds), len(batches))
   if totals is None:
     raise ValueError("Cannot evaluate an empty split.")
   # Per device [n_local, K, D] -> every device of every process, in global order.
@@ -136,7 +137,7 @@ def evaluate(
       train_state.local_replicas(totals["feature_sums"]).astype(np.float64)
   )
   in_order = lambda x: _gather_processes(np.stack(x)).transpose(1, 0, 2).reshape(-1)
-  mask = in_order(masks)
+  mask = in_order(mask)  # The plan's [num_batches, b] masks, already on the host.
   result = EvalResult(
       confusion=train_state.local_replicas(totals["confusion"])[0].astype(np.int64),
       feature_sums=feature_sums.reshape(-1, *feature_sums.shape[-2:]).sum(axis=0),
@@ -166,12 +167,19 @@ def _gather_processes(x: np.ndarray) -> np.ndarray:
 
 
 def evaluate_split(
-    p_eval_step, variables_repl, split, *, batch_size: int, name: str = "", announce: bool = True
+    p_eval_step,
+    variables_repl,
+    split,
+    *,
+    batch_size: int,
+    options: loader.Options | None = None,
+    name: str = "",
+    announce: bool = True,
 ) -> EvalResult:
   """`evaluate` over a `data.pipeline.Split` (its source and indices)."""
   return evaluate(
-      p_eval_step, variables_repl, split.source, split.indices, batch_size=batch_size, name=name,
-      announce=announce,
+      p_eval_step, variables_repl, split.source, split.indices, batch_size=batch_size,
+      options=options, name=name, announce=announce,
   )
 
 
@@ -184,8 +192,16 @@ class Evaluator:
   """
 
   def __init__(
-      self, model, datasets, *, batch_size: int, use_ema: bool = False, head_mask=None
+      self,
+      model,
+      datasets,
+      *,
+      batch_size: int,
+      use_ema: bool = False,
+      options: loader.Options | None = None,
+      head_mask=None,
   ):
+    self.options = options
     self.head_mask = head_mask
     self.p_eval_step = make_p_eval_step(
         model,
@@ -206,8 +222,8 @@ class Evaluator:
       logging.info("Evaluating %s (%d examples).", name, len(split))
     variables = state_repl.eval_variables(use_ema=self.use_ema)
     return evaluate_split(
-        self.p_eval_step, variables, split, batch_size=self.batch_size, name=name,
-        announce=announce,
+        self.p_eval_step, variables, split, batch_size=self.batch_size, options=self.options,
+        name=name, announce=announce,
     )
 
 

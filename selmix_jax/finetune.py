@@ -12,6 +12,10 @@ Data flow of one run:
 A non-finite loss or state at a log, refresh or checkpoint step, or non-finite gains, raise
 `loop.Diverged` (`loop.DivergenceGuard`); a pre-training checkpoint with NaN/inf weights is refused.
 
+Batches stream through one `loader.Feed` per refresh interval: it is opened with the strategy
+of that interval (`pipeline.PairBatches`) and ends at the next refresh, so no batch is ever drawn
+from a stale P, and each batch is still a pure function of (seed, step, P of its interval).
+
 The checkpoint holds the TrainState and the `SelMixState` pytree, so a resumed run continues with
 the same P and draws the same batches. Every refresh's P, G and multipliers also go to
 `<workdir>/selmix_history/refresh_<step>.npz` for the plots.
@@ -41,6 +45,7 @@ from selmix_jax import selmix_state
 from selmix_jax import steps
 from selmix_jax import train_state
 from selmix_jax.data import augment
+from selmix_jax.data import loader
 from selmix_jax.data import pipeline
 
 
@@ -65,7 +70,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   if resumed_at is not None:
     logging.info("Resumed SelMix fine-tuning from step %d.", resumed_at)
   evaluate = evaluation.Evaluator(
-      model, ds, batch_size=config.eval_batch_size, head_mask=config.objective.hparams.head_mask
+      model, ds, batch_size=config.eval_batch_size, options=loader.Options.from_config(config.data),
+      head_mask=config.objective.hparams.head_mask,
   )
   writer = loop.Writer(workdir)
   guard = loop.DivergenceGuard(
@@ -91,6 +97,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
         progress=loop.Progress(cfg.num_steps, writer),
     )
   finally:
+    r.close_feed()
     manager.wait_until_finished()  # On any exit, let an in-flight asynchronous save finish.
     manager.close()
 
@@ -128,11 +135,14 @@ class _Run:
     self.evaluate, self.writer, self.workdir = evaluate, writer, workdir
     self.guard, self.manager = guard, guard.manager
     self.state_repl, self.selmix, self.metrics = train_state.replicate(state), selmix, None
+    self.options, self.feed = loader.Options.from_config(config.data), None
     self.key = jax.random.key(config.seed + 2)
     self.p_train_step = jax.pmap(
         functools.partial(
             steps.selmix_step,
-            preprocess_fn=augment.make_preprocess("weak", mean=ds.mean, std=ds.std),
+            preprocess_fn=augment.make_preprocess(
+                "weak", mean=ds.mean, std=ds.std, crop=config.data.train_augment
+            ),
             mix_weight_min=cfg.mix_weight_min,
             bn_stats=cfg.bn_stats,
             axis_name="batch",
@@ -154,15 +164,34 @@ class _Run:
     self.warned_uniform = False
 
   def train_step(self, step):
-    idx1, idx2 = self.strategy.sample(self.cfg.batch_size, seed=self.seed, step=step)
-    batch = _pair_batch(self.ds, self.partner, idx1, idx2)
+    if self.feed is None or self.feed.next_step != step:
+      self._open_feed(step)
+    batch = self.feed.next(step)
     self.state_repl, self.metrics = self.p_train_step(self.state_repl, batch, self.key)
     return self.metrics
+
+  def _open_feed(self, step):
+    """Streams the batches of `step` up to the next refresh, drawn by the current strategy."""
+    self.close_feed()
+    every = self.cfg.refresh_every if self.needs_refresh else self.cfg.num_steps
+    stop = min(self.cfg.num_steps, (step // every + 1) * every)
+    batches = pipeline.PairBatches(
+        self.ds.labeled, self.partner, self.strategy, self.cfg.batch_size, self.seed,
+        pipeline.Layout.local(),
+    )
+    decodes = any(pipeline.decodes_on_access(s.source) for s in (self.ds.labeled, self.partner))
+    self.feed = loader.Feed(batches, step, stop, options=self.options, decodes=decodes)
+
+  def close_feed(self):
+    if self.feed is not None:
+      self.feed.close()
+      self.feed = None
 
   def refresh(self, step):
     """Validation pass -> new SelMixState (and pseudo-labels) -> the strategy's next table."""
     cfg, ds = self.cfg, self.ds
     self.guard(step, self.state_repl, self.metrics)  # Gains of a diverged model mean nothing.
+    self.close_feed()  # Its batches were drawn from the P this refresh replaces.
     initial, self.initial = (self.initial if step == 0 else {}), {}
     partner_labels = self.selmix.partner_labels
     if self.pseudo:
@@ -332,19 +361,6 @@ def _method(cfg, objective, strategy) -> str:
   if cfg.pairs == "instance":
     return "CE fine-tuning" if cfg.mix_weight_min >= 1.0 else "instance mixup"
   return f"control: {cfg.pairs} pairs"
-
-
-def _pair_batch(ds, partner, idx1, idx2) -> dict[str, np.ndarray]:
-  """Device-laid-out batch of the pairs `(labeled[idx1], partner[idx2])` this process loads."""
-  first = pipeline.train_batch(ds.labeled.source, ds.labeled.indices[pipeline.process_share(idx1)])
-  second = pipeline.train_batch(partner.source, partner.indices[pipeline.process_share(idx2)])
-  return {
-      "images1": first["images"],
-      "labels1": first["labels"],
-      "index1": first["index"],
-      "images2": second["images"],
-      "index2": second["index"],
-  }
 
 
 def _target(objective, confusion) -> dict[str, Any]:

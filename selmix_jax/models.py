@@ -10,6 +10,11 @@ Parameters are `{'backbone': {...}, 'head': {'kernel': [D, K], 'bias': [K]}}`; B
 running statistics live in the `batch_stats` collection. Inputs are float32 NHWC images,
 already normalised.
 
+`dtype`: the backbone's compute dtype (`config.model.dtype`: 'float32', or 'bfloat16' for
+accelerators). Parameters, BatchNorm statistics (and their reductions) stay float32 whatever it
+is; the pooled features are cast to float32 before the head, so logits, losses, metrics,
+prototypes and gains are float32 too.
+
 `bn_axis_name`: when set, BatchNorm in training mode averages its batch statistics over that
 named axis (`pmap`/`shard_map` axis), so the statistics are those of the global batch and the
 result does not depend on the number of devices. Leave it `None` for per-device statistics
@@ -50,8 +55,8 @@ class Classifier(nn.Module):
     self.head = nn.Dense(self.num_classes, kernel_init=self.head_kernel_init)
 
   def features(self, x: jax.Array, train: bool) -> jax.Array:
-    """Backbone features g(x) after global pooling: [B, H, W, C] -> [B, D]."""
-    return self.backbone(x, train=train)
+    """Backbone features g(x) after global pooling: [B, H, W, C] -> float32 [B, D]."""
+    return self.backbone(x, train=train).astype(jnp.float32)
 
   def classify(self, features: jax.Array) -> jax.Array:
     """Linear head: [B, D] -> logits [B, K]."""
@@ -62,16 +67,25 @@ class Classifier(nn.Module):
     return self.classify(self.features(x, train=train))
 
 
-def _batch_norm(train: bool, momentum: float, axis_name: str | None, *, epsilon: float):
+def _batch_norm(
+    train: bool, momentum: float, axis_name: str | None, *, epsilon: float, dtype: Any
+):
   """BatchNorm factory of every backbone: batch statistics (synced over `axis_name` if set)
-  when training, running statistics otherwise."""
+  when training, running statistics otherwise. Outputs `dtype`; statistics are computed and
+  kept in float32 (Flax's `force_float32_reductions`, float32 `batch_stats`)."""
   return functools.partial(
       nn.BatchNorm,
       use_running_average=not train,
       momentum=momentum,
       epsilon=epsilon,
       axis_name=axis_name if train else None,
+      dtype=dtype,
   )
+
+
+def _pool(x: jax.Array) -> jax.Array:
+  """Global average pooling, in float32 whatever the compute dtype: [B, H, W, C] -> [B, C]."""
+  return x.astype(jnp.float32).mean(axis=(1, 2))
 
 
 # ----------------------------------------------------------------------------------------
@@ -91,11 +105,14 @@ class _WRNBlock(nn.Module):
   filters: int
   stride: int
   norm: Callable[..., nn.Module]
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x0):
     act = functools.partial(nn.leaky_relu, negative_slope=0.1)
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init_fan_out)
+    conv = functools.partial(
+        nn.Conv, use_bias=False, kernel_init=_conv_init_fan_out, dtype=self.dtype
+    )
     x = act(self.norm()(x0))
     y = conv(self.filters, (3, 3), strides=self.stride, padding=1)(x)
     y = act(self.norm()(y))
@@ -122,21 +139,29 @@ class WideResNet(nn.Module):
   bn_momentum: float = 0.999  # Flax convention; PyTorch's momentum=0.001.
   bn_epsilon: float = 1e-5  # PyTorch's default, as in the release.
   bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     if (self.depth - 4) % 6:
       raise ValueError(f"WideResNet depth must be 6n + 4, got {self.depth}.")
     blocks_per_group = (self.depth - 4) // 6
-    norm = _batch_norm(train, self.bn_momentum, self.bn_axis_name, epsilon=self.bn_epsilon)
-    x = nn.Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=_conv_init_fan_out)(x)
+    norm = _batch_norm(
+        train, self.bn_momentum, self.bn_axis_name, epsilon=self.bn_epsilon, dtype=self.dtype
+    )
+    x = nn.Conv(
+        16, (3, 3), padding=1, use_bias=False, kernel_init=_conv_init_fan_out, dtype=self.dtype
+    )(x)
     for width, stride in zip((16, 32, 64), (1, 2, 2)):
       for block in range(blocks_per_group):
         x = _WRNBlock(
-            filters=width * self.widen_factor, stride=stride if block == 0 else 1, norm=norm
+            filters=width * self.widen_factor,
+            stride=stride if block == 0 else 1,
+            norm=norm,
+            dtype=self.dtype,
         )(x)
     x = nn.leaky_relu(norm()(x), negative_slope=0.1)
-    return x.mean(axis=(1, 2))
+    return _pool(x)
 
 
 # ----------------------------------------------------------------------------------------
@@ -149,11 +174,17 @@ class _CifarBasicBlock(nn.Module):
   filters: int
   stride: int
   norm: Callable[..., nn.Module]
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     conv = functools.partial(
-        nn.Conv, kernel_size=(3, 3), padding=1, use_bias=False, kernel_init=_conv_init_fan_in
+        nn.Conv,
+        kernel_size=(3, 3),
+        padding=1,
+        use_bias=False,
+        kernel_init=_conv_init_fan_in,
+        dtype=self.dtype,
     )
     y = nn.relu(self.norm()(conv(self.filters, strides=self.stride)(x)))
     y = self.norm()(conv(self.filters)(y))
@@ -171,19 +202,27 @@ class CifarResNet(nn.Module):
   widths: Sequence[int] = (16, 32, 64)
   bn_momentum: float = 0.9
   bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = _batch_norm(train, self.bn_momentum, self.bn_axis_name, epsilon=1e-5)
-    x = nn.Conv(self.widths[0], (3, 3), padding=1, use_bias=False, kernel_init=_conv_init_fan_in)(
-        x
+    norm = _batch_norm(
+        train, self.bn_momentum, self.bn_axis_name, epsilon=1e-5, dtype=self.dtype
     )
+    x = nn.Conv(
+        self.widths[0],
+        (3, 3),
+        padding=1,
+        use_bias=False,
+        kernel_init=_conv_init_fan_in,
+        dtype=self.dtype,
+    )(x)
     x = nn.relu(norm()(x))
     for stage, width in enumerate(self.widths):
       for block in range(self.blocks_per_stage):
         stride = 2 if (stage > 0 and block == 0) else 1
-        x = _CifarBasicBlock(filters=width, stride=stride, norm=norm)(x)
-    return x.mean(axis=(1, 2))
+        x = _CifarBasicBlock(filters=width, stride=stride, norm=norm, dtype=self.dtype)(x)
+    return _pool(x)
 
 
 # ----------------------------------------------------------------------------------------
@@ -194,10 +233,13 @@ class _Bottleneck(nn.Module):
   filters: int
   stride: int
   norm: Callable[..., nn.Module]
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=_conv_init_fan_out)
+    conv = functools.partial(
+        nn.Conv, use_bias=False, kernel_init=_conv_init_fan_out, dtype=self.dtype
+    )
     residual = x
     y = nn.relu(self.norm()(conv(self.filters, (1, 1))(x)))
     y = nn.relu(self.norm()(conv(self.filters, (3, 3), strides=self.stride, padding=1)(y)))
@@ -217,20 +259,31 @@ class ResNet(nn.Module):
   width: int = 64
   bn_momentum: float = 0.9
   bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = _batch_norm(train, self.bn_momentum, self.bn_axis_name, epsilon=1e-5)
+    norm = _batch_norm(
+        train, self.bn_momentum, self.bn_axis_name, epsilon=1e-5, dtype=self.dtype
+    )
     x = nn.Conv(
-        self.width, (7, 7), strides=2, padding=3, use_bias=False, kernel_init=_conv_init_fan_out
+        self.width,
+        (7, 7),
+        strides=2,
+        padding=3,
+        use_bias=False,
+        kernel_init=_conv_init_fan_out,
+        dtype=self.dtype,
     )(x)
     x = nn.relu(norm()(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         stride = 2 if (stage > 0 and block == 0) else 1
-        x = _Bottleneck(filters=self.width * 2**stage, stride=stride, norm=norm)(x)
-    return x.mean(axis=(1, 2))
+        x = _Bottleneck(
+            filters=self.width * 2**stage, stride=stride, norm=norm, dtype=self.dtype
+        )(x)
+    return _pool(x)
 
 
 # ----------------------------------------------------------------------------------------
@@ -243,15 +296,20 @@ class SmallCNN(nn.Module):
   width: int = 32
   bn_momentum: float = 0.9
   bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = _batch_norm(train, self.bn_momentum, self.bn_axis_name, epsilon=1e-5)
-    conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=1, use_bias=False)
+    norm = _batch_norm(
+        train, self.bn_momentum, self.bn_axis_name, epsilon=1e-5, dtype=self.dtype
+    )
+    conv = functools.partial(
+        nn.Conv, kernel_size=(3, 3), padding=1, use_bias=False, dtype=self.dtype
+    )
     x = nn.relu(norm()(conv(self.width)(x)))
     x = nn.relu(norm()(conv(2 * self.width, strides=2)(x)))
     x = nn.relu(norm()(conv(2 * self.width)(x)))
-    return x.mean(axis=(1, 2))
+    return _pool(x)
 
 
 # ----------------------------------------------------------------------------------------
@@ -326,7 +384,8 @@ def get(name: str, *, num_classes: int, **kwargs) -> Classifier:
   Args:
     name: one of `names()`.
     num_classes: K.
-    **kwargs: backbone options (`accepted_kwargs(name)`), e.g. `bn_axis_name='batch'`,
+    **kwargs: backbone options (`accepted_kwargs(name)`), e.g. `dtype=jnp.bfloat16`,
+      `bn_axis_name='batch'`,
       `depth`/`widen_factor` for 'wrn', `width` for 'cnn_small'.
 
   Returns:
@@ -339,6 +398,14 @@ def get(name: str, *, num_classes: int, **kwargs) -> Classifier:
   return _REGISTRY[name](num_classes=num_classes, **kwargs)
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 def from_config(config, num_classes: int) -> Classifier:
-  """The model of a `config.model` section: `name` and its `kwargs`."""
-  return get(config.name, num_classes=num_classes, **config.get("kwargs", {}))
+  """The model of a `config.model` section: `name`, its `kwargs` and compute `dtype`."""
+  dtype = config.get("dtype", "float32")
+  if dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype={dtype!r}; expected one of {DTYPES}.")
+  return get(
+      config.name, num_classes=num_classes, dtype=jnp.dtype(dtype), **config.get("kwargs", {})
+  )

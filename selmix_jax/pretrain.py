@@ -4,9 +4,11 @@ The step bodies live in `steps`; `run` builds the state (resuming `<workdir>/che
 the step, and runs the shared loop (`loop.run`) with log, validation and checkpoint actions; it
 ends with the validation and test metrics of the final model in `summary.json`. A non-finite loss
 or state at a log or checkpoint step raises `loop.Diverged` instead (`loop.DivergenceGuard`).
-Batches are pure functions of `(seed, step)`, so a resumed run draws the same batches.
+Batches are pure functions of `(seed, step)`, so a resumed run draws the same batches; one
+`loader.Feed` loads them ahead for the whole run.
 """
 
+import dataclasses
 import functools
 import os
 import time
@@ -25,6 +27,7 @@ from selmix_jax import reporting
 from selmix_jax import steps
 from selmix_jax import train_state
 from selmix_jax.data import augment
+from selmix_jax.data import loader
 from selmix_jax.data import pipeline
 
 METHODS = ("supervised", "fixmatch")
@@ -52,71 +55,78 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   restored, resumed_at = train_state.restore(manager, {"state": state})
   if resumed_at is not None:
     logging.info("Resumed pre-training from step %d.", resumed_at)
-  p_train_step = make_train_step(cfg, ds)
+  options = loader.Options.from_config(config.data)
   evaluate = evaluation.Evaluator(
-      model, ds, batch_size=config.eval_batch_size, use_ema=use_ema,
+      model, ds, batch_size=config.eval_batch_size, use_ema=use_ema, options=options,
       head_mask=config.objective.hparams.head_mask,
   )
   writer = loop.Writer(workdir)
-  key = jax.random.key(config.seed + 1)
-  carry = {"state": train_state.replicate(restored["state"]), "metrics": None}
   guard = loop.DivergenceGuard(
-      "Pre-training",
-      schedule=schedule,
+      "Pre-training", schedule=schedule, manager=manager,
       lr_field=f"config.pretrain.learning_rate={cfg.learning_rate}",
-      manager=manager,
   )
-
-  def train_step(step):
-    batch = _batch(ds, cfg, config.seed, step)
-    carry["state"], carry["metrics"] = p_train_step(carry["state"], batch, key)
-    return carry["metrics"]
-
-  def log(step):
-    guard(step, carry["state"], carry["metrics"])
-    scalars = train_state.unreplicate(carry["metrics"])
-    writer.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-
-  def validate(step):
-    if step < cfg.num_steps:  # The final model is evaluated after the loop.
-      summary = evaluate.summary(evaluate(carry["state"], ds.val))
-      writer.scalars(step, reporting.flat_scalars("val", summary))
-
-  def save(step):
-    guard(step, carry["state"], carry["metrics"])  # Never checkpoint a non-finite state.
-    train_state.save(manager, step, {"state": train_state.unreplicate(carry["state"])})
-
+  r = _Run(config, ds, restored["state"], int(resumed_at or 0), options, evaluate, writer, guard)
   try:
     loop.run(
         start_step=int(resumed_at or 0),
         num_steps=cfg.num_steps,
-        train_step=train_step,
+        train_step=r.train_step,
         after_step=[
-            loop.Periodic(cfg.log_every, log, at_end=True),
-            loop.Periodic(cfg.eval_every, validate),
+            loop.Periodic(cfg.log_every, r.log, at_end=True),
+            loop.Periodic(cfg.eval_every, r.validate),
         ],
-        checkpoint=loop.Periodic(cfg.checkpoint_every, save, at_end=True),
+        checkpoint=loop.Periodic(cfg.checkpoint_every, r.save, at_end=True),
         progress=loop.Progress(cfg.num_steps, writer),
     )
   finally:
+    r.feed.close()
     manager.wait_until_finished()  # On any exit, let an in-flight asynchronous save finish.
     manager.close()
 
   result = {
-      s: evaluate.summary(evaluate(carry["state"], getattr(ds, s), name=f"{s} (final)"))
+      s: evaluate.summary(evaluate(r.state_repl, getattr(ds, s), name=f"{s} (final)"))
       for s in ("val", "test")
   }
   result.update(steps=cfg.num_steps, wall_time_s=time.time() - t0)
   writer.scalars(cfg.num_steps, reporting.flat_scalars("test", result["test"]))
   writer.close()
   reporting.save_json(workdir, "summary.json", {**result, "config": config.to_dict()})
-  logging.info(
-      "Pre-training done (%d steps, %.0f s). Test:\n%s",
-      cfg.num_steps,
-      result["wall_time_s"],
-      reporting.metrics_table({"test": result["test"]}),
-  )
   return result
+
+
+class _Run:
+  """The mutable parts of one pre-training run and the loop's actions over them."""
+
+  def __init__(self, config, ds, state, start_step, options, evaluate, writer, guard):
+    self.cfg, self.ds, self.evaluate, self.writer, self.guard = (
+        config.pretrain, ds, evaluate, writer, guard
+    )
+    self.state_repl, self.metrics = train_state.replicate(state), None
+    self.key = jax.random.key(config.seed + 1)
+    self.p_train_step = make_train_step(self.cfg, ds, train_augment=config.data.train_augment)
+    batches = make_batches(ds, self.cfg, config.seed, pipeline.Layout.local())
+    self.feed = loader.Feed(
+        batches, start_step, self.cfg.num_steps, options=options, decodes=batches.decodes
+    )
+
+  def train_step(self, step):
+    batch = self.feed.next(step)
+    self.state_repl, self.metrics = self.p_train_step(self.state_repl, batch, self.key)
+    return self.metrics
+
+  def log(self, step):
+    self.guard(step, self.state_repl, self.metrics)
+    scalars = train_state.unreplicate(self.metrics)
+    self.writer.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+
+  def validate(self, step):
+    if step < self.cfg.num_steps:  # The final model is evaluated after the loop.
+      summary = self.evaluate.summary(self.evaluate(self.state_repl, self.ds.val))
+      self.writer.scalars(step, reporting.flat_scalars("val", summary))
+
+  def save(self, step):
+    self.guard(step, self.state_repl, self.metrics)  # Never checkpoint a non-finite state.
+    train_state.save(self.guard.manager, step, {"state": train_state.unreplicate(self.state_repl)})
 
 
 def _schedule(cfg: ml_collections.ConfigDict):
@@ -127,10 +137,16 @@ def _schedule(cfg: ml_collections.ConfigDict):
   raise ValueError(f"config.pretrain.schedule={cfg.schedule!r}; expected one of {SCHEDULES}.")
 
 
-def make_train_step(cfg: ml_collections.ConfigDict, ds):
-  """The pmapped pre-training step for `cfg.method` on data set `ds`."""
+def make_train_step(cfg: ml_collections.ConfigDict, ds, *, train_augment: str = "pad_crop"):
+  """The pmapped pre-training step for `cfg.method` on data set `ds`.
+
+  `train_augment` is the crop of the weak views (`config.data.train_augment`): 'pad_crop' or
+  'random_resized_crop'.
+  """
   la = steps.logit_adjustment(ds.labeled_class_counts, cfg.logit_adjust_tau)
-  preprocess = functools.partial(augment.make_preprocess, mean=ds.mean, std=ds.std)
+  preprocess = functools.partial(
+      augment.make_preprocess, mean=ds.mean, std=ds.std, crop=train_augment
+  )
   if cfg.method == "supervised":
     body = functools.partial(
         steps.supervised_step,
@@ -155,23 +171,38 @@ def make_train_step(cfg: ml_collections.ConfigDict, ds):
   return jax.pmap(body, axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,))
 
 
-def _batch(ds, cfg, seed: int, step: int) -> dict[str, Any]:
-  """The global batch of `step`, derived from (seed, step) only, so resumption is exact."""
-  picks = pipeline.uniform_indices(len(ds.labeled.indices), cfg.batch_size, seed=seed, step=step)
-  batch = pipeline.train_batch(ds.labeled.source, ds.labeled.indices[pipeline.process_share(picks)])
+def make_batches(ds, cfg: ml_collections.ConfigDict, seed: int, layout: pipeline.Layout):
+  """The picklable `step -> batch` of pre-training: a function of `(seed, step)` only."""
+  labeled = pipeline.UniformBatches(ds.labeled, cfg.batch_size, seed, layout)
   if cfg.method != "fixmatch":
-    return batch
-  num_unlabeled = cfg.batch_size * cfg.unlabeled_ratio
-  picks_u = pipeline.uniform_indices(
-      len(ds.unlabeled.indices), num_unlabeled, seed=seed + 1, step=step
+    return _Batches(labeled)
+  unlabeled = pipeline.UniformBatches(
+      ds.unlabeled, cfg.batch_size * cfg.unlabeled_ratio, seed + 1, layout
   )
-  unlabeled = pipeline.train_batch(
-      ds.unlabeled.source, ds.unlabeled.indices[pipeline.process_share(picks_u)]
-  )
-  return {
-      "labeled_images": batch["images"],
-      "labels": batch["labels"],
-      "labeled_index": batch["index"],
-      "unlabeled_images": unlabeled["images"],
-      "unlabeled_index": unlabeled["index"],
-  }
+  return _Batches(labeled, unlabeled)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batches:
+  """Supervised batches of `labeled`, or FixMatch's labeled + unlabeled batches of a step."""
+
+  labeled: pipeline.UniformBatches
+  unlabeled: pipeline.UniformBatches | None = None
+
+  @property
+  def decodes(self) -> bool:
+    splits = (self.labeled.split,) + ((self.unlabeled.split,) if self.unlabeled else ())
+    return any(pipeline.decodes_on_access(split.source) for split in splits)
+
+  def __call__(self, step: int) -> dict[str, Any]:
+    batch = self.labeled(step)
+    if self.unlabeled is None:
+      return batch
+    unlabeled = self.unlabeled(step)
+    return {
+        "labeled_images": batch["images"],
+        "labels": batch["labels"],
+        "labeled_index": batch["index"],
+        "unlabeled_images": unlabeled["images"],
+        "unlabeled_index": unlabeled["index"],
+    }

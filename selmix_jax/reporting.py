@@ -4,10 +4,12 @@ Host-side only (NumPy + matplotlib with the Agg backend); nothing here runs unde
 """
 
 import glob
+import io
 import json
 import os
 from typing import Any, Mapping, Sequence
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -57,20 +59,98 @@ def flat_scalars(prefix: str, summary: Mapping[str, Any]) -> dict[str, float]:
   return {f"{prefix}/{k}": float(v) for k, v in summary.items() if np.ndim(v) == 0}
 
 
-def save_refresh(workdir: str, step: int, record: Mapping[str, np.ndarray]) -> None:
-  """Writes one SelMix refresh (P, G, multipliers, ...) to `selmix_history/refresh_<step>.npz`."""
+# A refresh record's size limit, and its [K, K] arrays that may be stored at reduced precision.
+HISTORY_MAX_BYTES = 1_000_000
+_REDUCIBLE = ("pair_probs", "gain")
+# Reduced forms, coarsest last: (P's form, G's form). 'f16': float16 of x / max|x|; 'i8': int8 of
+# round(127 x / max|x|).
+_REDUCED_FORMS = (("f16", "f16"), ("f16", "i8"))
+
+
+def save_refresh(
+    workdir: str,
+    step: int,
+    record: Mapping[str, np.ndarray],
+    *,
+    max_bytes: int = HISTORY_MAX_BYTES,
+) -> int:
+  """Writes one SelMix refresh (P, G, multipliers, ...) to `selmix_history/refresh_<step>.npz`.
+
+  A compressed `.npz`, exact when it fits in `max_bytes`. Otherwise `pair_probs` and `gain` are
+  stored at the first reduced precision that fits (`load_history` decodes both to float32):
+    1. both as float16 of `x / max|x|`: relative error <= 2^-11 (4.9e-4) where
+       |x| >= 6.1e-5 max|x|, absolute error <= 3e-8 max|x| below;
+    2. P as in 1, G as int8 of `round(127 G / max|G|)`: absolute error <= max|G| / 254.
+  Exact records fit up to K ~ 300 (two K x K float32 arrays, 0.7 MB raw). At K = 1000 a peaked P
+  (SelMix's, T = 0.1) with an incompressible G takes ~0.87 MB in form 2; only a P spread over
+  ~10^5 pairs (which does not compress) can still exceed the limit, with a warning.
+
+  Returns:
+    The size of the written file in bytes.
+  """
   directory = os.path.join(workdir, "selmix_history")
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, f"refresh_{step:07d}.npz")
+  data = _compressed_npz(record)
+  for forms in _REDUCED_FORMS:
+    if len(data) <= max_bytes:
+      break
+    reduced = dict(record)
+    for name, form in zip(_REDUCIBLE, forms):
+      if name in reduced:
+        reduced.update(_reduce(reduced.pop(name), name, form))
+    data = _compressed_npz(reduced)
+  if len(data) > max_bytes:
+    logging.warning(
+        "SelMix history record of step %d takes %d bytes (limit %d): P is spread too widely "
+        "to compress.", step, len(data), max_bytes,
+    )
   tmp = path + ".tmp.npz"
-  np.savez(tmp, **record)
+  with open(tmp, "wb") as f:
+    f.write(data)
   os.replace(tmp, path)
+  return len(data)
+
+
+def _compressed_npz(record: Mapping[str, np.ndarray]) -> bytes:
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, **record)
+  return buffer.getvalue()
+
+
+def _reduce(x: np.ndarray, name: str, form: str) -> dict[str, np.ndarray]:
+  """`{name__<form>: quantised x, name__scale: float32 scale}` (`_expand` inverts it)."""
+  x = np.asarray(x, np.float32)
+  peak = float(np.max(np.abs(x))) if x.size else 0.0
+  peak = peak if peak > 0 and np.isfinite(peak) else 1.0
+  if form == "f16":
+    return {f"{name}__f16": (x / peak).astype(np.float16), f"{name}__scale": np.float32(peak)}
+  return {
+      f"{name}__i8": np.round(x * (127.0 / peak)).astype(np.int8),
+      f"{name}__scale": np.float32(peak / 127.0),
+  }
+
+
+def _expand(record: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  for key in [k for k in record if k.endswith("__scale")]:
+    name = key[: -len("__scale")]
+    scale = record.pop(key)
+    quantised = record.pop(f"{name}__f16", None)
+    if quantised is None:
+      quantised = record.pop(f"{name}__i8")
+    record[name] = quantised.astype(np.float32) * scale
+  return record
 
 
 def load_history(workdir: str) -> list[dict[str, np.ndarray]]:
-  """All refresh records of a SelMix run (`save_refresh`), in step order."""
+  """All refresh records of a SelMix run (`save_refresh`), in step order, P and G as float32
+  (decoded from reduced precision where they were stored so)."""
   files = sorted(glob.glob(os.path.join(workdir, "selmix_history", "refresh_*.npz")))
-  return [dict(np.load(f)) for f in files]
+  records = []
+  for f in files:
+    with np.load(f) as stored:
+      records.append(_expand(dict(stored)))
+  return records
 
 
 def metrics_table(columns: Mapping[str, Mapping[str, Any]], *, scale: float = 100.0) -> str:

@@ -32,6 +32,7 @@ from selmix_jax import pretrain
 from selmix_jax import reporting
 from selmix_jax import steps
 from selmix_jax import workdir as workdir_lib
+from selmix_jax.data import augment
 from selmix_jax.data import pipeline
 
 MODES = ("pretrain", "selmix", "pretrain_and_selmix")
@@ -147,11 +148,20 @@ def _validate(config: ml_collections.ConfigDict) -> None:
         f"config.model.name={config.model.name!r} is not a known model; "
         f"known: {', '.join(models.names())}."
     )
+  if config.model.dtype not in models.DTYPES:
+    raise ValueError(
+        f"config.model.dtype={config.model.dtype!r}; expected one of {models.DTYPES}."
+    )
   models.check_kwargs(
       config.model.name, config.model.get("kwargs", {}), field="config.model.kwargs"
   )
   _validate_data(config.data)
   pipeline.check_global_batch(config.eval_batch_size, field="config.eval_batch_size")
+  if config.data.train_augment not in augment.CROPS:
+    raise ValueError(
+        f"config.data.train_augment={config.data.train_augment!r}; expected one of "
+        f"{augment.CROPS} (the crop of the weak training views)."
+    )
   if config.mode in ("pretrain", "pretrain_and_selmix"):
     _validate_pretrain(config)
   if config.mode in ("selmix", "pretrain_and_selmix"):
@@ -302,11 +312,10 @@ def _run(config, workdir, datasets) -> tuple[dict[str, Any], str]:
   name = config.data.name
   if config.mode == "pretrain":
     result = pretrain.run(config, workdir, datasets)
-    table = reporting.metrics_table({"validation": result["val"], "test": result["test"]})
-    return result, f"# {name}: pre-training ({result['steps']} steps)\n\n{table}\n"
+    return result, _pretrain_text(name, result)
   if config.mode == "pretrain_and_selmix":
     pre_dir = os.path.join(workdir, "pretrain")
-    pretrain.run(config, pre_dir, datasets)
+    _show(_pretrain_text(name, pretrain.run(config, pre_dir, datasets)))  # Each stage's table.
     with config.unlocked():
       config.selmix.init_checkpoint = os.path.join(pre_dir, "checkpoints")
     workdir = os.path.join(workdir, "selmix")
@@ -320,8 +329,19 @@ def _run(config, workdir, datasets) -> tuple[dict[str, Any], str]:
   title = f"# {name}: pre-train -> {result['method']}"
   if config.mode == "selmix":
     title = f"# {name}: {result['method']} from {config.selmix.init_checkpoint}"
-  text = f"{title}\n\nMetrics ×100 on the test split ({result['steps']} fine-tuning steps).\n\n"
+  text = (
+      f"{title}\n\nMetrics ×100 on the test split ({result['steps']} fine-tuning steps, "
+      f"{result['wall_time_s']:.0f} s).\n\n"
+  )
   return result, text + table + "\n"
+
+
+def _pretrain_text(name: str, result: dict[str, Any]) -> str:
+  table = reporting.metrics_table({"validation": result["val"], "test": result["test"]})
+  return (
+      f"# {name}: pre-training ({result['steps']} steps, {result['wall_time_s']:.0f} s)\n\n"
+      f"Metrics ×100.\n\n{table}\n"
+  )
 
 
 def _show(text: str) -> None:

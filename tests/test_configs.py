@@ -11,6 +11,7 @@ from selmix_jax import data
 from selmix_jax import models
 from selmix_jax import objectives
 from selmix_jax import train
+from selmix_jax.data import augment
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CONFIGS = sorted(
@@ -61,6 +62,7 @@ def test_config_loads_and_names_known_parts(path):
     assert config.model.name in models.names()
     assert config.data.name in data.names()
     assert config.mode in train.MODES
+    assert config.data.train_augment in augment.CROPS
     if config.mode != "pretrain":
       assert objectives.is_known(config.objective.name)
       objectives.from_config(config.objective)
@@ -143,3 +145,12 @@ def test_every_shipped_config_passes_validate(path):
       train.validate(config)
     except train.ConfigPathError:
       pass  # init_checkpoint / data.root point at runs and data this machine may not have.
+
+
+def test_imagenet_configs_train_on_random_resized_crops():
+  for name in ("imagenet100_lt_ssl.py", "imagenet_lt_sup.py"):
+    config = _load(os.path.join(_REPO, "configs", name)).get_config("min_recall")
+    assert config.data.train_augment == "random_resized_crop", name
+  assert _load(os.path.join(_REPO, "configs", "default.py")).get_config().data.train_augment == (
+    "pad_crop"
+  )

@@ -118,3 +118,73 @@ def test_translate_shifts_content_and_fills_gray():
 def test_normalize():
   out = augment.normalize(jnp.ones((2, 2, 2, 3)), [0.5, 0.5, 0.5], [0.25, 0.5, 1.0])
   np.testing.assert_allclose(out[0, 0, 0], [2.0, 1.0, 0.5])
+
+
+def _torchvision_boxes(height, width, n, seed=0, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """NumPy transcription of torchvision's RandomResizedCrop.get_params (the oracle)."""
+  rng = np.random.default_rng(seed)
+  boxes = []
+  for _ in range(n):
+    for _ in range(10):
+      area = height * width * rng.uniform(*scale)
+      aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+      w, h = round(np.sqrt(area * aspect)), round(np.sqrt(area / aspect))
+      if 0 < w <= width and 0 < h <= height:
+        boxes.append((rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w))
+        break
+    else:
+      boxes.append((0, 0, height, width))  # The whole image: its aspect is within ratio.
+  return np.asarray(boxes, np.float64)
+
+
+def test_random_resized_crop_boxes_follow_torchvision():
+  keys = jax.random.split(jax.random.key(0), 4000)
+  box = jax.jit(jax.vmap(lambda k: augment.random_resized_crop_box(k, 32, 24)))
+  top, left, h, w = (np.asarray(x) for x in box(keys))
+  assert (h >= 1).all() and (w >= 1).all() and (top + h <= 32).all() and (left + w <= 24).all()
+  assert (top >= 0).all() and (left >= 0).all()
+  area = h * w / (32 * 24)
+  assert area.min() >= 0.06 and area.max() <= 1.0  # 0.08 up to side rounding
+  aspect = w / h
+  assert aspect.min() >= 0.7 and aspect.max() <= 1.45  # 3/4 .. 4/3 up to side rounding
+  oracle = _torchvision_boxes(32, 24, 4000)
+  area_oracle = oracle[:, 2] * oracle[:, 3] / (32 * 24)
+  assert abs(area.mean() - area_oracle.mean()) < 0.02
+  assert abs(np.quantile(area, 0.9) - np.quantile(area_oracle, 0.9)) < 0.03
+  # Positions are uniform over where the crop fits: centred on average.
+  np.testing.assert_allclose(np.mean(top + h / 2), 16, atol=0.5)
+  # Nothing fits (scale > 1): the centre crop with the aspect clamped to 4/3.
+  top, left, h, w = augment.random_resized_crop_box(keys[0], 10, 40, scale=(2.0, 3.0))
+  assert (int(top), int(left), int(h), int(w)) == (0, 13, 10, 13)
+
+
+def test_random_resized_crop_resizes_like_pil():
+  image = np.asarray(_images(1, 12, 3)[0])
+  u8 = np.round(image * 255).astype(np.uint8)
+  top, left, h, w = 2, 3, 5, 7
+  ours = augment._resample_axis(  # pylint: disable=protected-access
+    augment._resample_axis(jnp.asarray(u8 / 255.0, jnp.float32), top, h, 0), left, w, 1
+  )
+  pil = PIL.Image.fromarray(u8).crop((left, top, left + w, top + h))
+  expected = np.asarray(pil.resize((12, 12), PIL.Image.BILINEAR)).astype(int)
+  assert np.abs(np.round(np.asarray(ours) * 255).astype(int) - expected).max() <= 1
+  # The whole image is reproduced exactly.
+  whole = augment._resample_axis(jnp.asarray(image), 0, 12, 0)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(whole, image)
+
+
+def test_random_resized_crop_views_shape_range_and_determinism():
+  images = (np.asarray(_images(6, 16, 3)) * 255).astype(np.uint8)
+  weak = jax.jit(augment.make_preprocess("weak", mean=0.0, std=1.0, crop="random_resized_crop"))
+  strong = jax.jit(augment.make_preprocess("strong", mean=0.0, std=1.0, crop="random_resized_crop"))
+  a, b, c = weak(images, _keys(6)), weak(images, _keys(6)), weak(images, _keys(6, step=1))
+  assert a.shape == images.shape and a.dtype == jnp.float32
+  assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  # A crop of one example does not depend on the rest of the batch.
+  np.testing.assert_array_equal(weak(images[2:3], _keys(6)[2:3])[0], a[2])
+  s = strong(images, _keys(6))
+  assert s.shape == images.shape and float(s.min()) >= 0.0 and float(s.max()) <= 1.0
+  with pytest.raises(ValueError, match="Unknown crop"):
+    augment.make_preprocess("weak", mean=0.0, std=1.0, crop="center")

@@ -135,6 +135,77 @@ def test_wrn_projection_reads_the_preactivated_input():
 
 
 # ------------------------------------------------------------------------------------------
+# bfloat16 compute.
+
+# Stated tolerance: bf16 logits within 2 % of the largest float32 logit (measured at random
+# init on 64 N(0, 1) inputs: cnn_small 0.3 %, ResNet-20 0.5 %, WRN-28-2 1.1 %, ResNet-50 at
+# 64 px 0.9 %, eval and train mode; argmax agreement 97-100 %).
+BF16_RTOL = 0.02
+
+
+@pytest.mark.parametrize("name,kwargs,shape,feature_dim,modes", _SMALL[1:])  # cnn_small: below
+def test_bfloat16_logits_close_to_float32(name, kwargs, shape, feature_dim, modes):
+  del feature_dim, modes
+  f32 = _small_model(name, 5, **kwargs)
+  bf16 = _small_model(name, 5, dtype=jnp.bfloat16, **kwargs)
+  variables = _init(f32, shape)
+  x = jax.random.normal(jax.random.key(1), (16, *shape))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(model, variables, x):
+    feats = model.apply(variables, x, train=False, method="features")
+    logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return feats, model.apply(variables, x, train=False), logits, updates["batch_stats"]
+
+  want, got = run(f32, variables, x), run(bf16, variables, x)
+  for a, b in zip(want[:3], got[:3]):
+    assert b.dtype == jnp.float32  # features and logits leave the backbone as float32
+    assert float(jnp.max(jnp.abs(a - b))) <= BF16_RTOL * float(jnp.max(jnp.abs(a)))
+  for a, b in zip(jax.tree.leaves(want[3]), jax.tree.leaves(got[3])):
+    assert b.dtype == jnp.float32  # BatchNorm statistics
+    np.testing.assert_allclose(b, a, rtol=0.05, atol=0.02)
+
+
+def test_bfloat16_training_keeps_float32_state_and_learns():
+  from selmix_jax import steps, train_state  # pylint: disable=g-import-not-at-top
+  from selmix_jax.data import augment  # pylint: disable=g-import-not-at-top
+
+  model = models.get("cnn_small", num_classes=3, width=8, dtype=jnp.bfloat16)
+  tx = optim.make_pretrain_optimizer(learning_rate=0.05)
+  state = jax.jit(lambda k: train_state.create(model, k, (8, 8, 1), tx))(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  labels = np.arange(24) % 3
+  # Class k: a bright k-th band of rows on noise.
+  images = rng.integers(0, 100, (24, 8, 8, 1))
+  for i, k in enumerate(labels):
+    images[i, 3 * k : 3 * k + 2] += 150
+  batch = {
+    "images": images.astype(np.uint8)[None],
+    "labels": labels.astype(np.int32)[None],
+    "index": np.arange(24, dtype=np.int32)[None],
+  }
+  p_step = jax.pmap(
+    functools.partial(
+      steps.supervised_step,
+      preprocess_fn=augment.make_preprocess("none", mean=0.3, std=0.3),
+    ),
+    axis_name="batch",
+    in_axes=(0, 0, None),
+    devices=jax.devices()[:1],
+  )
+  state = train_state.replicate(state, devices=jax.devices()[:1])
+  losses = []
+  for _ in range(15):
+    state, metrics = p_step(state, batch, jax.random.key(1))
+    losses.append(float(metrics["loss"][0]))
+  assert metrics["loss"].dtype == jnp.float32
+  assert losses[-1] < 0.5 * losses[0], losses
+  for tree in (state.params, state.opt_state, state.batch_stats):
+    for leaf in jax.tree.leaves(tree):
+      assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
+
+
+# ------------------------------------------------------------------------------------------
 # Optimisers.
 
 

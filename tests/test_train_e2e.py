@@ -30,6 +30,19 @@ def _final_params(workdir):
   return step, tree["state"]["params"], tree["selmix"]
 
 
+def _finetune_config(pretrain_workdir, **overrides):
+  """The tiny config's SelMix stage alone, from `<pretrain_workdir>/pretrain/checkpoints`;
+  `overrides` are `'section.field': value` (e.g. `**{'model.dtype': 'bfloat16'}`)."""
+  config = default.get_config("tiny")
+  with config.unlocked():
+    config.mode = "selmix"
+    config.selmix.init_checkpoint = os.path.join(pretrain_workdir, "pretrain", "checkpoints")
+    for field, value in overrides.items():
+      section, name = field.split(".")
+      setattr(config[section], name, value)
+  return config
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("full"))
@@ -99,11 +112,9 @@ def test_resume_after_preemption_matches_uninterrupted_run(uninterrupted, tmp_pa
 
 def test_checkpoint_of_another_model_is_rejected_clearly(uninterrupted, tmp_path):
   full_dir, _ = uninterrupted
-  config = default.get_config("tiny")
+  config = _finetune_config(full_dir)
   with config.unlocked():
-    config.mode = "selmix"
     config.model.kwargs.width = 16  # the checkpoint holds width 8
-    config.selmix.init_checkpoint = os.path.join(full_dir, "pretrain", "checkpoints")
   with pytest.raises(ValueError, match="shape"):
     train.train_and_evaluate(config, str(tmp_path))
 
@@ -116,6 +127,8 @@ def test_checkpoint_of_another_model_is_rejected_clearly(uninterrupted, tmp_path
     ("data.name", "cifar11", ValueError, "known data set"),
     ("selmix.batch_size", 30, ValueError, "multiple of the number of devices"),
     ("selmix.bn_stats", "frozen", ValueError, "bn_stats='frozen'.*'batch'"),
+    ("data.train_augment", "crop", ValueError, "train_augment='crop'.*random_resized_crop"),
+    ("model.dtype", "float16", ValueError, "dtype='float16'.*bfloat16"),
   ],
 )
 def test_config_errors_fail_before_compute(field, value, error, match, tmp_path):
@@ -208,3 +221,32 @@ def test_a_near_uniform_p_is_reported_and_max_gain_temperature_concentrates_it(
   sharp = sampling.concentration(reporting.load_history(scaled)[0]["pair_probs"])
   assert flat["near_uniform"] and not sharp["near_uniform"]
   assert sharp["effective_pairs"] < 0.5 * flat["effective_pairs"]
+
+
+def test_selmix_feeds_end_at_refreshes(uninterrupted, tmp_path, monkeypatch):
+  """Each SelMix feed streams one refresh interval: none reads a batch past the next refresh."""
+  from selmix_jax.data import loader  # pylint: disable=g-import-not-at-top
+
+  full_dir, _ = uninterrupted
+  spans, feed_cls = [], loader.Feed
+
+  def recording_feed(load, start, stop, **kwargs):
+    if type(load).__name__ == "PairBatches":
+      spans.append((start, stop))
+    return feed_cls(load, start, stop, **kwargs)
+
+  monkeypatch.setattr(loader, "Feed", recording_feed)
+  # Refreshes at 0, 5, 10: the last interval is cut by num_steps = 12.
+  train.train_and_evaluate(_finetune_config(full_dir, **{"selmix.refresh_every": 5}), str(tmp_path))
+  assert spans == [(0, 5), (5, 10), (10, 12)]
+
+
+def test_selmix_in_bfloat16_keeps_float32_parameters_and_gains(uninterrupted, tmp_path):
+  full_dir, _ = uninterrupted
+  config = _finetune_config(full_dir, **{"model.dtype": "bfloat16", "selmix.num_steps": 4})
+  result = train.train_and_evaluate(config, str(tmp_path))
+  _, params, selmix_state = _final_params(str(tmp_path))
+  assert {np.asarray(x).dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+  assert np.asarray(selmix_state["gain"]).dtype == np.float32
+  assert np.isfinite(np.asarray(selmix_state["gain"])).all()
+  assert np.asarray(result["after"]["test"]["confusion"]).sum() > 0

@@ -5,6 +5,14 @@ Per-example functions take a float32 image in [0, 1] of shape [H, W, C] (C = 1 o
 wrappers `vmap` them over images [B, H, W, C] and keys [B, 2] (or typed keys [B]).
 Everything is jit- and vmap-able and a pure function of `(image, key)`.
 
+Weak augmentation crops one of two ways (`make_preprocess(..., crop=...)`, chosen by
+`config.data.train_augment`): 'pad_crop' (flip + reflect-pad-4 random crop, the CIFAR recipe) or
+'random_resized_crop' (ImageNet: torchvision's RandomResizedCrop, scale (0.08, 1), ratio
+(3/4, 4/3), bilinear back to the input size, then the flip). Both run here, on device, per
+example, from the same keys as every other draw, so a batch is the same whatever loads it and
+the host only decodes. The crop is taken from the image the source stores (for ImageNet, the
+shorter-side-resized centre square), not from the original file.
+
 Keys: derive one key per example from `(base_key, step, example_index)` with
 `example_keys`, so a batch is reproducible after a resume and independent of the
 batch composition and the device layout.
@@ -35,6 +43,7 @@ differ from PIL's, which FixMatch's magnitudes assume.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import dm_pix as pix
@@ -102,8 +111,111 @@ def flip_and_crop(image: jax.Array, key: jax.Array, *, pad: int = 4) -> jax.Arra
   return jax.lax.dynamic_slice(padded, (dy, dx, 0), image.shape)
 
 
-def weak(image: jax.Array, key: jax.Array, *, pad: int = 4) -> jax.Array:
-  """Weak augmentation: flip + pad-`pad` reflect random crop. [H, W, C] -> [H, W, C]."""
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def random_resized_crop_box(
+  key: jax.Array,
+  height: int,
+  width: int,
+  *,
+  scale: tuple[float, float] = RRC_SCALE,
+  ratio: tuple[float, float] = RRC_RATIO,
+  attempts: int = 10,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The crop box of torchvision's `RandomResizedCrop.get_params`, as int32 scalars.
+
+  Draws `attempts` candidates with area `U[scale] * height * width` and aspect (w / h)
+  log-uniform in `ratio`, sides rounded; takes the first that fits in the image, at a uniform
+  integer position. If none fits, the centre crop of the whole image with its aspect clamped
+  to `ratio`.
+
+  Returns:
+    `(top, left, crop_height, crop_width)`.
+  """
+  k_area, k_ratio, k_top, k_left = jax.random.split(key, 4)
+  area = height * width * jax.random.uniform(k_area, (attempts,), minval=scale[0], maxval=scale[1])
+  log_ratio = jax.random.uniform(
+    k_ratio, (attempts,), minval=math.log(ratio[0]), maxval=math.log(ratio[1])
+  )
+  aspect = jnp.exp(log_ratio)
+  crop_w = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+  crop_h = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+  fits = (crop_w > 0) & (crop_w <= width) & (crop_h > 0) & (crop_h <= height)
+  first = jnp.argmax(fits)
+  # Fallback (static shapes, so plain Python): the centre crop with the aspect clamped.
+  if width / height < min(ratio):
+    fallback_h, fallback_w = round(width / min(ratio)), width
+  elif width / height > max(ratio):
+    fallback_h, fallback_w = height, round(height * max(ratio))
+  else:
+    fallback_h, fallback_w = height, width
+  found = fits.any()
+  h = jnp.where(found, crop_h[first], fallback_h)
+  w = jnp.where(found, crop_w[first], fallback_w)
+  top = jnp.floor(jax.random.uniform(k_top) * (height - h + 1)).astype(jnp.int32)
+  left = jnp.floor(jax.random.uniform(k_left) * (width - w + 1)).astype(jnp.int32)
+  top = jnp.where(found, top, (height - fallback_h) // 2)
+  left = jnp.where(found, left, (width - fallback_w) // 2)
+  return top, left, h, w
+
+
+def _resample_axis(image: jax.Array, start, size, axis: int) -> jax.Array:
+  """Linear resampling of `image[start : start + size]` along `axis` to the axis's full length.
+
+  Pixel centres are aligned (`align_corners=False`) and samples beyond the crop's edge take the
+  edge pixel, as resizing the cropped image does (PIL / torchvision bilinear). Upsampling only
+  (size <= length), so no antialiasing filter is needed.
+  """
+  length = image.shape[axis]
+  start, size = jnp.asarray(start, jnp.int32), jnp.asarray(size, jnp.int32)
+  last = start + size - 1
+  coords = start + (jnp.arange(length, dtype=jnp.float32) + 0.5) * (size / length) - 0.5
+  coords = jnp.clip(coords, start.astype(jnp.float32), last.astype(jnp.float32))
+  low = jnp.floor(coords)
+  frac = coords - low
+  low = low.astype(jnp.int32)
+  high = jnp.minimum(low + 1, last)
+  shape = [1] * image.ndim
+  shape[axis] = length
+  a, b = jnp.take(image, low, axis=axis), jnp.take(image, high, axis=axis)
+  return a + frac.reshape(shape).astype(image.dtype) * (b - a)
+
+
+def random_resized_crop(
+  image: jax.Array,
+  key: jax.Array,
+  *,
+  scale: tuple[float, float] = RRC_SCALE,
+  ratio: tuple[float, float] = RRC_RATIO,
+) -> jax.Array:
+  """A `random_resized_crop_box` crop resized (bilinear) back to the image size. [H, W, C]."""
+  h, w, _ = image.shape
+  top, left, crop_h, crop_w = random_resized_crop_box(key, h, w, scale=scale, ratio=ratio)
+  return _resample_axis(_resample_axis(image, top, crop_h, 0), left, crop_w, 1)
+
+
+def flip_and_random_resized_crop(image: jax.Array, key: jax.Array) -> jax.Array:
+  """ImageNet's weak view: `random_resized_crop`, then a horizontal flip (p = 0.5)."""
+  k_crop, k_flip = jax.random.split(key)
+  image = random_resized_crop(image, k_crop)
+  return jnp.where(jax.random.bernoulli(k_flip), pix.flip_left_right(image), image)
+
+
+CROPS = ("pad_crop", "random_resized_crop")
+
+
+def weak(image: jax.Array, key: jax.Array, *, pad: int = 4, crop: str = "pad_crop") -> jax.Array:
+  """Weak augmentation. [H, W, C] -> [H, W, C].
+
+  `crop='pad_crop'`: flip + pad-`pad` reflect random crop; 'random_resized_crop':
+  `flip_and_random_resized_crop` (`pad` unused).
+  """
+  if crop == "random_resized_crop":
+    return flip_and_random_resized_crop(image, key)
+  if crop != "pad_crop":
+    raise ValueError(f"Unknown crop {crop!r}; expected one of {CROPS}.")
   return flip_and_crop(image, key, pad=pad)
 
 
@@ -329,11 +441,19 @@ def cutout(image: jax.Array, key: jax.Array, *, frac: float = 0.5) -> jax.Array:
 
 
 def strong(
-  image: jax.Array, key: jax.Array, *, pad: int = 4, cutout_frac: float = 0.5
+  image: jax.Array,
+  key: jax.Array,
+  *,
+  pad: int = 4,
+  cutout_frac: float = 0.5,
+  crop: str = "pad_crop",
 ) -> jax.Array:
-  """FixMatch strong augmentation (see the module docstring). [H, W, C] -> [H, W, C]."""
+  """FixMatch strong augmentation (see the module docstring). [H, W, C] -> [H, W, C].
+
+  Its first stage is the weak view of `crop` ('pad_crop' or 'random_resized_crop').
+  """
   k_weak, k_num, k_ops, k_levels, k_cut = jax.random.split(key, 5)
-  image = flip_and_crop(image, k_weak, pad=pad)
+  image = weak(image, k_weak, pad=pad, crop=crop)
   max_ops = max(NUM_OPS_CHOICES)
   num_ops = jax.random.choice(k_num, jnp.asarray(NUM_OPS_CHOICES))
   op_indices = jax.random.randint(k_ops, (max_ops,), 0, len(OPS))
@@ -344,41 +464,53 @@ def strong(
   return cutout(image, k_cut, frac=cutout_frac)
 
 
-def weak_batch(images: jax.Array, keys: jax.Array, *, pad: int = 4) -> jax.Array:
+def weak_batch(
+  images: jax.Array, keys: jax.Array, *, pad: int = 4, crop: str = "pad_crop"
+) -> jax.Array:
   """`weak` over a batch: images [B, H, W, C], keys [B, 2] -> [B, H, W, C]."""
-  return jax.vmap(lambda x, k: weak(x, k, pad=pad))(images, keys)
+  return jax.vmap(lambda x, k: weak(x, k, pad=pad, crop=crop))(images, keys)
 
 
 def strong_batch(
-  images: jax.Array, keys: jax.Array, *, pad: int = 4, cutout_frac: float = 0.5
+  images: jax.Array,
+  keys: jax.Array,
+  *,
+  pad: int = 4,
+  cutout_frac: float = 0.5,
+  crop: str = "pad_crop",
 ) -> jax.Array:
   """`strong` over a batch: images [B, H, W, C], keys [B, 2] -> [B, H, W, C]."""
-  return jax.vmap(lambda x, k: strong(x, k, pad=pad, cutout_frac=cutout_frac))(images, keys)
+  return jax.vmap(lambda x, k: strong(x, k, pad=pad, cutout_frac=cutout_frac, crop=crop))(
+    images, keys
+  )
 
 
 def make_preprocess(
-  kind: str, *, mean, std, pad: int = 4
+  kind: str, *, mean, std, pad: int = 4, crop: str = "pad_crop"
 ) -> Callable[[jax.Array, jax.Array | None], jax.Array]:
   """Per-device preprocessing `(uint8 images [B, H, W, C], keys [B]) -> float32 normalised`.
 
   Args:
-    kind: 'none' (evaluation; keys may be None), 'weak' (flip + pad-crop) or 'strong'
-      (RandAugment + Cutout).
+    kind: 'none' (evaluation; keys may be None), 'weak' (flip + crop) or 'strong'
+      (weak, then RandAugment + Cutout).
     mean: per-channel mean of [0, 1] pixels.
     std: per-channel standard deviation.
-    pad: padding of the weak random crop.
+    pad: padding of the 'pad_crop' random crop.
+    crop: the weak view's crop, one of `CROPS`: 'pad_crop' or 'random_resized_crop'.
   """
   if kind not in ("none", "weak", "strong"):
     raise ValueError(f"Unknown preprocessing {kind!r}; expected 'none', 'weak' or 'strong'.")
+  if crop not in CROPS:
+    raise ValueError(f"Unknown crop {crop!r}; expected one of {CROPS}.")
   mean = tuple(float(m) for m in np.atleast_1d(mean))
   std = tuple(float(s) for s in np.atleast_1d(std))
 
   def preprocess(images, keys):
     x = to_float(images)
     if kind == "weak":
-      x = jax.vmap(functools.partial(weak, pad=pad))(x, keys)
+      x = jax.vmap(functools.partial(weak, pad=pad, crop=crop))(x, keys)
     elif kind == "strong":
-      x = jax.vmap(strong)(x, keys)
+      x = jax.vmap(functools.partial(strong, pad=pad, crop=crop))(x, keys)
     return normalize(x, jnp.asarray(mean), jnp.asarray(std))
 
   return preprocess

@@ -12,12 +12,17 @@ batches are built from index arrays handed out by samplers (`uniform_indices`, t
 SelMix pair sampler) so that the whole input pipeline is a function of
 `(seed, step)`; evaluation batches cover a split exactly once with a padded, masked
 last batch.
+
+`EvalBatches` and `PairBatches` are those batches as picklable `step -> batch` callables with
+the process layout (`Layout`) bound, for `loader.Feed` to load ahead, in worker processes when
+the source decodes on access.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -94,6 +99,78 @@ def _assemble(source: Source, index: np.ndarray, mask: np.ndarray, num_devices: 
   }
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How one process lays out a global batch: its share, split over its local devices.
+
+  Bound into the `step -> batch` callables in the main process, so a worker process (which has
+  no JAX devices or distributed runtime of its own) lays batches out as the trainer expects.
+  """
+
+  num_devices: int = 1
+  process_index: int = 0
+  process_count: int = 1
+
+  @classmethod
+  def local(cls) -> Layout:
+    """This process's layout (`jax.local_device_count()`, `process_index()`, `process_count()`)."""
+    return cls(jax.local_device_count(), jax.process_index(), jax.process_count())
+
+  def share(self, global_array: np.ndarray) -> np.ndarray:
+    """This process's contiguous share of `global_array`'s leading axis."""
+    return process_slice(global_array, self.process_index, self.process_count)
+
+
+def eval_plan(
+  indices: np.ndarray, batch_size: int, layout: Layout
+) -> tuple[np.ndarray, np.ndarray]:
+  """This process's index and mask of every evaluation batch over `indices`.
+
+  Args:
+    indices: int [n] indices into a source.
+    batch_size: global batch size, divisible by `layout.num_devices * layout.process_count`.
+    layout: this process's layout.
+
+  Returns:
+    `(index, mask)`, int64 and bool `[num_batches, batch_size / process_count]`: the batches
+    cover `indices` once in order, the last one padded (mask False, index 0).
+  """
+  _check_divisible(batch_size, layout.num_devices, layout.process_count)
+  indices = np.asarray(indices, np.int64)
+  num_batches = -(-len(indices) // batch_size)
+  index = np.zeros(num_batches * batch_size, np.int64)
+  index[: len(indices)] = indices
+  mask = np.arange(num_batches * batch_size) < len(indices)
+  shape = (num_batches, layout.process_count, batch_size // layout.process_count)
+  return (
+    index.reshape(shape)[:, layout.process_index],
+    mask.reshape(shape)[:, layout.process_index],
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalBatches:
+  """Evaluation batch `t` of a plan (`eval_plan`) as a picklable `t -> batch`.
+
+  Attributes:
+    source: a source.
+    index: int [num_batches, b] this process's indices per batch.
+    mask: bool [num_batches, b] validity (False on padding).
+    num_devices: local devices.
+  """
+
+  source: Source
+  index: np.ndarray
+  mask: np.ndarray
+  num_devices: int
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  def __call__(self, t: int) -> Batch:
+    return _assemble(self.source, self.index[t], self.mask[t], self.num_devices)
+
+
 def eval_batches(
   source: Source,
   indices: np.ndarray,
@@ -104,6 +181,8 @@ def eval_batches(
   process_count: int = 1,
 ) -> Iterator[Batch]:
   """Every example of `indices` exactly once with mask True; last batch padded.
+
+  The synchronous path; `evaluation.evaluate` streams the same batches (`EvalBatches`).
 
   Args:
     source: a source.
@@ -116,21 +195,10 @@ def eval_batches(
   Yields:
     Batches (see the module docstring) of `batch_size / process_count` examples.
   """
-  num_devices = num_devices or jax.local_device_count()
-  _check_divisible(batch_size, num_devices, process_count)
-  indices = np.asarray(indices, np.int64)
-  for start in range(0, len(indices), batch_size):
-    chunk = indices[start : start + batch_size]
-    mask = np.zeros(batch_size, bool)
-    mask[: len(chunk)] = True
-    index = np.zeros(batch_size, np.int64)
-    index[: len(chunk)] = chunk
-    yield _assemble(
-      source,
-      process_slice(index, process_index, process_count),
-      process_slice(mask, process_index, process_count),
-      num_devices,
-    )
+  layout = Layout(num_devices or jax.local_device_count(), process_index, process_count)
+  batches = EvalBatches(source, *eval_plan(indices, batch_size, layout), layout.num_devices)
+  for t in range(len(batches)):
+    yield batches(t)
 
 
 def train_batch(
@@ -171,6 +239,56 @@ def uniform_indices(num_examples: int, batch_size: int, *, seed: int, step: int)
   return np.random.default_rng([seed, step]).integers(0, num_examples, batch_size)
 
 
+@dataclasses.dataclass(frozen=True)
+class UniformBatches:
+  """`step -> batch` of `batch_size` examples of `split` drawn by `uniform_indices(seed, step)`.
+
+  Picklable, with this process's `layout` bound (it loads only its share).
+  """
+
+  split: Split
+  batch_size: int
+  seed: int
+  layout: Layout
+
+  def __call__(self, step: int) -> Batch:
+    picks = uniform_indices(len(self.split), self.batch_size, seed=self.seed, step=step)
+    local = self.split.indices[self.layout.share(picks)]
+    return train_batch(self.split.source, local, num_devices=self.layout.num_devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairBatches:
+  """`step -> batch` of the index pairs a pair strategy draws at `(seed, step)` (SelMix).
+
+  `strategy.sample(batch_size, seed=seed, step=step)` gives positions `(idx1, idx2)` in
+  `first` (x1, whose label is kept) and `second` (the partner pool). Picklable, with this
+  process's `layout` bound. The batch holds images1, labels1, index1, images2, index2.
+  """
+
+  first: Split
+  second: Split
+  strategy: Any
+  batch_size: int
+  seed: int
+  layout: Layout
+
+  def __call__(self, step: int) -> Batch:
+    idx1, idx2 = self.strategy.sample(self.batch_size, seed=self.seed, step=step)
+    first, second = self._batch(self.first, idx1), self._batch(self.second, idx2)
+    return {
+      "images1": first["images"],
+      "labels1": first["labels"],
+      "index1": first["index"],
+      "images2": second["images"],
+      "index2": second["index"],
+    }
+
+  def _batch(self, split: Split, positions: np.ndarray) -> Batch:
+    local = split.indices[self.layout.share(positions)]
+    return train_batch(split.source, local, num_devices=self.layout.num_devices)
+
+
 # ------------------------------------------------------------------------ splits
 
 
@@ -195,6 +313,12 @@ class Split:
     return np.bincount(labels[labels >= 0], minlength=num_classes)
 
 
+def decodes_on_access(source) -> bool:
+  """Whether `source.get_images` decodes (then worker processes pay off), e.g. a
+  `sources.RandomAccessSource`; False for in-memory sources and those that do not say."""
+  return bool(getattr(source, "decodes_on_access", False))
+
+
 class FlipAppendedSource:
   """Examples `base[indices]` followed by their horizontally flipped copies (2n)."""
 
@@ -211,6 +335,10 @@ class FlipAppendedSource:
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  @property
+  def decodes_on_access(self) -> bool:
+    return decodes_on_access(self._base)
 
   def get_images(self, indices: np.ndarray) -> np.ndarray:
     indices = np.asarray(indices, np.int64)
@@ -287,6 +415,10 @@ def default_config() -> ml_collections.ConfigDict:
       "digits_test_fraction": 0.3,
       "mean": optional(tuple),
       "std": optional(tuple),
+      # Read by the trainers (`loader.Options`, `augment.make_preprocess`), not by `build`.
+      "num_workers": -1,
+      "prefetch": 2,
+      "train_augment": "pad_crop",
     }
   )
 
@@ -389,6 +521,15 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
     digits_test_fraction: share of each digits class held out as test (0.3).
     mean, std: per-channel statistics in [0, 1]; None = standard values of the data
       set, or computed on the training source for digits and image folders.
+
+  Fields the trainers read (how batches are streamed, `loader.Options`; not used here):
+    num_workers: worker processes that decode batches of decode-on-access sources (ImageNet);
+      -1 = every CPU but one (at most 32), 0 = a background thread of the training process.
+      In-memory sources are always gathered by the thread.
+    prefetch: batches transferred to the devices ahead of the step that uses them.
+    train_augment: the crop of every weak training view (pre-training, FixMatch's weak and
+      strong views, SelMix): 'pad_crop' (flip + reflect-pad-4 crop, CIFAR) or
+      'random_resized_crop' (torchvision's RandomResizedCrop + flip, ImageNet).
 
   SPEC §8 settings, e.g. CIFAR-10-LT SSL: name='cifar10', labeled_max=1500,
   labeled_imbalance=100, unlabeled_max=3000, unlabeled_imbalance=100 (or 1, or

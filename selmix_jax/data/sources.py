@@ -7,12 +7,15 @@ Every source exposes the same interface, and the rest of the code base uses only
     STL-10's `unlabelled` split), read once at construction;
   * `source.class_names`: tuple of K names; `source.num_classes` = K;
   * `source.image_shape`: (H, W, C);
-  * `source.get_images(indices)`: uint8 [len(indices), H, W, C].
+  * `source.get_images(indices)`: uint8 [len(indices), H, W, C];
+  * `source.decodes_on_access` (optional, default False): whether `get_images` decodes, so that
+    loading it in worker processes pays off (`loader.Feed`).
 
 `ArraySource` keeps all images in memory (digits, CIFAR, STL-10, image folders;
 also exposes `.images`). `RandomAccessSource` wraps a TFDS `data_source` (ImageNet),
 decoding JPEG bytes with PIL and resizing on access (shorter side to `image_size`,
-then a central `image_size`² crop), in a thread pool.
+then a central `image_size`² crop), in a thread pool; pickled into a grain worker process, it
+decodes in the worker's own thread.
 
 Loaders: `load_digits`, `load_image_folder` (a directory or a .zip holding
 `<split>/<class>/*.{jpg,jpeg,png}`, cached as .npz) and `load_tfds` (cifar10, cifar100,
@@ -33,6 +36,7 @@ import os
 import pathlib
 import zipfile
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import PIL.Image
@@ -56,6 +60,7 @@ class ArraySource:
   images: np.ndarray
   labels: np.ndarray
   class_names: tuple[str, ...]
+  decodes_on_access: ClassVar[bool] = False
 
   def __post_init__(self):
     if self.images.ndim != 4 or self.images.dtype != np.uint8:
@@ -88,7 +93,13 @@ class RandomAccessSource:
 
   Records are dicts with an `image` (encoded bytes or a decoded uint8 array); only
   the records listed in `record_indices` are exposed, as examples 0..N-1.
+
+  `get_images` decodes in a pool of `num_threads` threads kept for the source's lifetime. A
+  pickled copy (what a grain worker process holds) decodes in its caller's thread: there the
+  worker processes are the parallelism, and threads on top would only oversubscribe the cores.
   """
+
+  decodes_on_access: ClassVar[bool] = True
 
   def __init__(
     self,
@@ -116,8 +127,14 @@ class RandomAccessSource:
     self.class_names = tuple(class_names)
     self._image_size = int(image_size)
     self._num_threads = num_threads
+    self._pool = None
     if self.labels.shape != self._record_indices.shape:
       raise ValueError("labels and record_indices must have the same length.")
+
+  def __getstate__(self) -> dict:
+    state = dict(self.__dict__)
+    state.update(_pool=None, _num_threads=1)  # See the class docstring.
+    return state
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -142,9 +159,14 @@ class RandomAccessSource:
     """uint8 [len(indices), S, S, 3], decoded and resized now."""
     rec = self._record_indices[np.asarray(indices, np.int64)]
     out = np.empty((len(rec),) + self.image_shape, np.uint8)
-    with concurrent.futures.ThreadPoolExecutor(self._num_threads) as pool:
-      for j, image in enumerate(pool.map(self._one, rec)):
-        out[j] = image
+    if self._num_threads > 1 and len(rec) > 1:
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._num_threads)
+      decoded = self._pool.map(self._one, rec)
+    else:
+      decoded = map(self._one, rec)
+    for j, image in enumerate(decoded):
+      out[j] = image
     return out
 
 
