@@ -34,6 +34,7 @@ _TFDS = [
 _TORCH = ["torch>=2.3,<2.14"]
 _TEST = [
     "pytest>=8,<10",
+    "pytest-xdist>=3.5,<4",  # the README's test command runs one worker per core
     "hypothesis>=6.100,<7",
     "scipy>=1.12,<2",
     "build>=1.2,<2",
