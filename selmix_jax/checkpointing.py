@@ -43,7 +43,15 @@ def make_manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManag
 
 
 def _to_numpy(tree: PyTree) -> PyTree:
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+  """Host arrays; a `jax.ShapeDtypeStruct` (an `eval_shape` template) becomes an empty array of
+  its shape, which is all a compatibility check reads."""
+
+  def host(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return np.empty(x.shape, x.dtype)
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(host, tree)
 
 
 def _drop_empty(tree: PyTree) -> PyTree:

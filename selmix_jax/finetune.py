@@ -313,8 +313,8 @@ def _pretrained_state(config, model, ds, schedule) -> tuple[train_state.TrainSta
         f"{pre_step} hold NaN or inf in {len(bad)} array(s), e.g. {bad[0]!r}: that "
         "pre-training diverged. Fine-tune from a finite checkpoint."
     )
-  template = model.init(
-      jax.random.key(config.seed), jnp.zeros((1, *ds.image_shape), jnp.float32), train=False
+  template = jax.eval_shape(  # Shapes only: an eager init of a ResNet takes seconds.
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, *ds.image_shape)), train=False)
   )
   checkpointing.check_compatible(
       variables, dict(template), where=f"{cfg.init_checkpoint} ({which} weights)"
