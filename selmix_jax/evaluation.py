@@ -56,8 +56,13 @@ class EvalResult:
 
   def summary(self, *, head_mask=None) -> dict[str, Any]:
     """All SPEC §2 metrics of the confusion counts, plus the counts (`confusion`), as NumPy."""
-    out = metrics.summary(self.confusion.astype(np.float64), head_mask=head_mask)
+    head_mask = None if head_mask is None else tuple(bool(h) for h in head_mask)
+    out = _summary(self.confusion.astype(np.float64), head_mask=head_mask)
     return {**jax.tree.map(np.asarray, out), "confusion": self.confusion}
+
+
+# One compiled program for every summary (eagerly, its ~50 small ops compile one by one).
+_summary = jax.jit(metrics.summary, static_argnames="head_mask")
 
 
 def make_p_eval_step(model, *, num_classes: int, preprocess_fn: Callable[..., Any]):
