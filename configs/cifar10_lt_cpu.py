@@ -3,7 +3,8 @@ r"""CIFAR-10-LT on this project's CPU, from the offline JPEG copy (issue 6 proto
 Data: `../shared/data/cifar10-jpeg.zip` (CIFAR-10 as JPEG, SPEC §10) through the image-folder
 source; balanced validation of 500 per class (plus flips) held out of train; labeled set
 long-tailed with N1 = 4500, rho = 100; test = the 10,000 test images. CIFAR ResNet-20, supervised
-logit-adjusted cross-entropy pre-training with weak augmentation (5,000 steps, 34 min here),
+logit-adjusted cross-entropy pre-training with weak augmentation (5,000 steps, 34 min on the
+project's 2-core AMD EPYC, ~2.7 steps/s idle; `bash benchmarks/pretrain_speed.sh` re-measures),
 then fine-tuning runs that share one step budget:
 
   python launch/main.py --config=configs/cifar10_lt_cpu.py:pretrain --workdir=runs/c10cpu/pre
@@ -47,8 +48,9 @@ def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:
   config.data.val_per_class = 500
   config.data.val_flip = True
   config.eval_batch_size = 500
-  # ResNet-20 for 5,000 steps (34 min, val mean recall 72.3 %) beats the protocol's ResNet-32 in
-  # the same CPU time (2,500 steps, ~32-38 min, val 68.8 %): 0.58x the FLOPs buys 2x the epochs.
+  # ResNet-20 for 5,000 steps (34 min on the 2-core AMD EPYC, val mean recall 72.3 %) beats the
+  # protocol's ResNet-32 in the same CPU time (2,500 steps, ~32-38 min, val 68.8 %): 0.58x the
+  # FLOPs buys 2x the epochs.
   config.model.name = "resnet20"
 
   config.pretrain.method = "supervised"
@@ -80,7 +82,8 @@ def get_config(arg: str = "pretrain") -> ml_collections.ConfigDict:
   config.selmix.log_every = 50
 
   if arg.startswith("ssl_"):
-    # SPEC §8 SSL split on the JPEG copy. FixMatch(LA) from scratch for a CPU budget (~25 min):
+    # SPEC §8 SSL split on the JPEG copy. FixMatch(LA) from scratch for a CPU budget (~25 min on
+    # the 2-core AMD EPYC alone; 80 min while sharing it; the run logs its own steps/s and ETA):
     # 1800 steps of 32 labeled + 2 x 32 unlabeled (weak + strong views), against the SPEC's
     # 250k steps of 64 + 7 x 64; a smoke run of the SSL path, not a reproduction of its numbers.
     config.model.name = "resnet32"  # the published smoke run (benchmarks/README.md)
