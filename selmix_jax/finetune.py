@@ -73,14 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
       model, ds, batch_size=config.eval_batch_size, options=loader.Options.from_config(config.data),
       head_mask=config.objective.hparams.head_mask,
   )
-  writer = loop.Writer(workdir)
-  guard = loop.DivergenceGuard(
-      "SelMix fine-tuning",
-      schedule=schedule,
-      lr_field=f"config.selmix.learning_rate={cfg.learning_rate}",
-      manager=manager,
-  )
-  r = _Run(config, ds, partner, objective, evaluate, writer, guard, workdir, **restored)
+  r = _Run(config, ds, partner, objective, evaluate, schedule, manager, workdir, **restored)
   before = _before(config, workdir, r, pre_step, fresh=resumed_at is None)
   try:
     step, stopped = loop.run(
@@ -94,46 +87,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
             loop.Periodic(cfg.eval_every, r.evaluate_test),
         ],
         checkpoint=loop.Periodic(cfg.checkpoint_every, r.save, at_end=True),
-        progress=loop.Progress(cfg.num_steps, writer),
+        progress=loop.Progress(cfg.num_steps, r.writer),
     )
   finally:
     r.close_feed()
     manager.wait_until_finished()  # On any exit, let an in-flight asynchronous save finish.
     manager.close()
-
-  after = {
-      s: evaluate.summary(evaluate(r.state_repl, getattr(ds, s), name=f"{s} (final)"))
-      for s in ("val", "test")
-  }
-  writer.scalars(step, reporting.flat_scalars("final_test", after["test"]))
-  writer.close()
-  result = {
-      "objective": objective.name if r.strategy.uses_pair_probs else "none",
-      "method": r.method,
-      "before": before,
-      "after": after,
-      "target_before": _target(objective, before["test"]["confusion"]),
-      "target_after": _target(objective, after["test"]["confusion"]),
-      "steps": step,
-      "stopped_early": stopped,
-      "pretrain_step": pre_step,
-      "wall_time_s": time.time() - t0,
-  }
-  reporting.save_json(workdir, "summary.json", {**result, "config": config.to_dict()})
-  if jax.process_index() == 0:
-    reporting.plot_selmix_run(workdir, result, ds.class_names)
-  return result
+  return r.finish(step, stopped, before, pre_step=pre_step, started=t0)
 
 
 class _Run:
   """The mutable parts of one fine-tuning run and the loop's actions over them."""
 
-  def __init__(self, config, ds, partner, objective, evaluate, writer, guard, workdir, *,
+  def __init__(self, config, ds, partner, objective, evaluate, schedule, manager, workdir, *,
                state, selmix):
     cfg = self.cfg = config.selmix
-    self.seed, self.ds, self.partner, self.objective = config.seed, ds, partner, objective
-    self.evaluate, self.writer, self.workdir = evaluate, writer, workdir
-    self.guard, self.manager = guard, guard.manager
+    self.config, self.seed, self.ds, self.partner = config, config.seed, ds, partner
+    self.objective, self.evaluate, self.workdir = objective, evaluate, workdir
+    self.writer, self.manager = loop.Writer(workdir), manager
+    self.guard = loop.DivergenceGuard(
+        "SelMix fine-tuning",
+        schedule=schedule,
+        lr_field=f"config.selmix.learning_rate={cfg.learning_rate}",
+        manager=manager,
+    )
     self.state_repl, self.selmix, self.metrics = train_state.replicate(state), selmix, None
     self.options, self.feed = loader.Options.from_config(config.data), None
     self.key = jax.random.key(config.seed + 2)
@@ -283,6 +260,38 @@ class _Run:
     self.guard(step, self.state_repl, self.metrics)  # Never checkpoint a non-finite state.
     host = {"state": train_state.unreplicate(self.state_repl), "selmix": self.selmix}
     train_state.save(self.manager, step, host)
+
+  def finish(self, step, stopped, before, *, pre_step, started) -> dict[str, Any]:
+    """The final model's passes, `summary.json` and the plots; returns the run's result.
+
+    `wall_time_s` covers the whole stage, from `started` (`time.time()` at its start) to the
+    final passes.
+    """
+    after = {
+        s: self.evaluate.summary(
+            self.evaluate(self.state_repl, getattr(self.ds, s), name=f"{s} (final)")
+        )
+        for s in ("val", "test")
+    }
+    self.writer.scalars(step, reporting.flat_scalars("final_test", after["test"]))
+    self.writer.close()
+    objective = self.objective
+    result = {
+        "objective": objective.name if self.strategy.uses_pair_probs else "none",
+        "method": self.method,
+        "before": before,
+        "after": after,
+        "target_before": _target(objective, before["test"]["confusion"]),
+        "target_after": _target(objective, after["test"]["confusion"]),
+        "steps": step,
+        "stopped_early": stopped,
+        "pretrain_step": pre_step,
+        "wall_time_s": time.time() - started,
+    }
+    reporting.save_json(self.workdir, "summary.json", {**result, "config": self.config.to_dict()})
+    if jax.process_index() == 0:
+      reporting.plot_selmix_run(self.workdir, result, self.ds.class_names)
+    return result
 
 
 def _partner_pool(cfg, ds) -> pipeline.Split:

@@ -170,7 +170,8 @@ class DivergenceGuard:
     """Args:
     stage: the stage's name in the message ('Pre-training', 'SelMix fine-tuning').
     schedule: the optax learning-rate schedule (the message gives its value at the step).
-    lr_field: the config field that sets it, with its value (e.g. `config.pretrain.learning_rate=0.1`).
+    lr_field: the config field that sets it, with its value
+      (e.g. `config.pretrain.learning_rate=0.1`).
     manager: the stage's checkpoint manager (the message names its newest step).
     """
     self.stage, self.schedule, self.lr_field, self.manager = stage, schedule, lr_field, manager
