@@ -1,7 +1,9 @@
 """Writes a synthetic long-tailed image folder with many classes, for large-K runs on a CPU.
 
-Class k is a fixed random 4x4 colour pattern, upsampled to `size` px, shifted by a random offset
-and covered with noise, so a small CNN separates most classes but confuses some. The training
+Class k is a fixed 4x4 colour pattern, upsampled to `size` px, shifted by a random offset and
+covered with noise. Patterns are a mix of a pattern shared by every `groups`-th class and one of
+the class's own (weight `own`), so classes of one group are easy to confuse and a small CNN
+separates the groups better than the classes in them. The training
 split is long-tailed (`max` images for class 0 down to `min` for the last, the SPEC §8 profile);
 the test split has `test` images of every class.
 
@@ -31,10 +33,14 @@ def main():
   parser.add_argument("--test", type=int, default=10, help="test images per class")
   parser.add_argument("--size", type=int, default=32)
   parser.add_argument("--noise", type=float, default=60.0)
+  parser.add_argument("--groups", type=int, default=20, help="classes k, k + groups, ... look alike")
+  parser.add_argument("--own", type=float, default=0.35, help="weight of a class's own pattern")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   rng = np.random.default_rng(args.seed)
-  patterns = rng.integers(0, 256, (args.classes, 4, 4, 3)).astype(np.float64)
+  shared = rng.integers(0, 256, (args.groups, 4, 4, 3)).astype(np.float64)
+  own = rng.integers(0, 256, (args.classes, 4, 4, 3)).astype(np.float64)
+  patterns = (1 - args.own) * shared[np.arange(args.classes) % args.groups] + args.own * own
   counts = splits.labeled_counts(args.max, args.max / args.min, args.classes)
   for split, per_class in (("train", counts), ("test", [args.test] * args.classes)):
     for k in range(args.classes):
