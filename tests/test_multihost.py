@@ -1,50 +1,19 @@
 """Exact multi-host evaluation: 2 processes x 2 devices (jax.distributed on 127.0.0.1) give the
 same results as 1 process x 4 devices."""
 
-import json
-import os
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from selmix_jax import data
 from selmix_jax import reporting
 from selmix_jax.configs import default
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_MAIN = os.path.join(_REPO, "launch", "main.py")
+import launch_helpers  # tests/launch_helpers.py
 
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict[str, str]:
-  """This environment (its XLA flags included) with `devices` host devices."""
-  env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-  env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-  return env
-
-
-def _summary(workdir, stage="selmix"):
-  out = json.load(open(os.path.join(workdir, stage, "summary.json")))
-  out.pop("wall_time_s")
-  out.pop("config")
-  return out
-
-
-def _checkpoint(workdir):
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  tree = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
-  manager.close()
-  return tree
+_REPO, _MAIN = launch_helpers.REPO, launch_helpers.MAIN
 
 
 _SSL_ARGS = ("--config.pretrain.num_steps=24", "--config.selmix.num_steps=8")
@@ -55,12 +24,12 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
   depends on the validation prototypes) are identical; only process 0 writes and prints."""
   assert jax.local_device_count() == 4
   config = f"--config={_REPO}/configs/default.py:tiny_ssl"
-  port = _free_port()
+  port = launch_helpers.free_port()
   procs = [
       subprocess.Popen(
           [sys.executable, _MAIN, config, f"--workdir={tmp_path / 'two'}", *_SSL_ARGS,
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-          env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+          env=launch_helpers.env_with_devices(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       )  # fmt: skip
       for i in range(2)
   ]
@@ -69,18 +38,18 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
     assert p.returncode == 0, err[-3000:]
   one = subprocess.run(
       [sys.executable, _MAIN, config, f"--workdir={tmp_path / 'one'}", *_SSL_ARGS],
-      env=_env(4), capture_output=True, text=True, check=False, timeout=240,
+      env=launch_helpers.env_with_devices(4), capture_output=True, text=True, check=False, timeout=240,
   )  # fmt: skip
   assert one.returncode == 0, one.stderr[-3000:]
 
   for stage in ("pretrain", "selmix"):
-    assert _summary(tmp_path / "two", stage) == _summary(tmp_path / "one", stage), stage
-  two_selmix = _summary(tmp_path / "two")
+    assert launch_helpers.summary(tmp_path / "two", stage) == launch_helpers.summary(tmp_path / "one", stage), stage
+  two_selmix = launch_helpers.summary(tmp_path / "two")
   assert np.asarray(two_selmix["after"]["test"]["confusion"]).sum() == len(
       data.build(default.get_config("tiny_ssl").data).test
   )
-  state_two = _checkpoint(tmp_path / "two" / "selmix")
-  state_one = _checkpoint(tmp_path / "one" / "selmix")
+  _, state_two = launch_helpers.checkpoint(tmp_path / "two" / "selmix")
+  _, state_one = launch_helpers.checkpoint(tmp_path / "one" / "selmix")
   np.testing.assert_array_equal(
       state_two["selmix"]["partner_labels"], state_one["selmix"]["partner_labels"]
   )

@@ -12,7 +12,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from selmix_jax import checkpointing
@@ -23,37 +22,9 @@ from selmix_jax import train
 from selmix_jax import workdir as workdir_lib
 from selmix_jax.configs import default
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_MAIN = os.path.join(_REPO, "launch", "main.py")
+import launch_helpers  # tests/launch_helpers.py
 
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict[str, str]:
-  """This environment (its XLA flags included) with `devices` host devices."""
-  env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-  env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-  return env
-
-
-def _summary(workdir, stage="selmix"):
-  out = json.load(open(os.path.join(workdir, stage, "summary.json")))
-  out.pop("wall_time_s")
-  out.pop("config")
-  return out
-
-
-def _checkpoint(workdir, step=None):
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  step = manager.latest_step() if step is None else step
-  tree = manager.restore(step, args=ocp.args.StandardRestore())
-  manager.close()
-  return step, tree
+_REPO, _MAIN = launch_helpers.REPO, launch_helpers.MAIN
 
 
 # ------------------------------------------------------------------- SIGTERM and resume
@@ -78,7 +49,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_ends_bit_identical(tmp_path):
       "--config.selmix.num_steps=300", "--config.selmix.checkpoint_every=100",
       "--config.selmix.log_every=1",
   ]  # fmt: skip
-  proc = subprocess.Popen(args, env=_env(4), stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(args, env=launch_helpers.env_with_devices(4), stderr=subprocess.PIPE, text=True)
   log = []
   deadline = time.time() + 240
   for line in proc.stderr:  # Wait until fine-tuning is well into its first 100 steps.
@@ -94,19 +65,19 @@ def test_sigterm_checkpoints_and_the_resumed_run_ends_bit_identical(tmp_path):
   assert "Stopped by SIGTERM after step" in text
   stopped_at = int(text.split("Stopped by SIGTERM after step ")[1].split(";")[0])
   assert 13 <= stopped_at < 300 and stopped_at % 100
-  step, _ = _checkpoint(workdir / "selmix")
+  step, _ = launch_helpers.checkpoint(workdir / "selmix")
   assert step == stopped_at, "the work since the last periodic checkpoint was not saved"
   assert not os.path.exists(workdir / "run.json")  # Nothing claims the run finished.
 
-  resumed = subprocess.run(args, env=_env(4), capture_output=True, text=True, check=False)
+  resumed = subprocess.run(args, env=launch_helpers.env_with_devices(4), capture_output=True, text=True, check=False)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resumed SelMix fine-tuning from step {stopped_at}" in resumed.stderr
 
   full = tmp_path / "full"
   train.train_and_evaluate(_tiny_long(), str(full))
-  assert _summary(workdir) == _summary(full)
-  _, a = _checkpoint(workdir / "selmix")
-  _, b = _checkpoint(full / "selmix")
+  assert launch_helpers.summary(workdir) == launch_helpers.summary(full)
+  _, a = launch_helpers.checkpoint(workdir / "selmix")
+  _, b = launch_helpers.checkpoint(full / "selmix")
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
@@ -179,7 +150,7 @@ def test_a_second_run_on_a_locked_workdir_fails_at_once_naming_the_pid(tmp_path)
     second = subprocess.run(
         [sys.executable, _MAIN, f"--config={_REPO}/configs/default.py:tiny",
          f"--workdir={tmp_path}"],
-        capture_output=True, text=True, check=False, env=_env(4),
+        capture_output=True, text=True, check=False, env=launch_helpers.env_with_devices(4),
     )  # fmt: skip
     assert second.returncode != 0
     assert f"in use by PID {holder.pid}" in second.stderr
