@@ -260,15 +260,18 @@ def plot_recalls(
     height = 0.8 / max(1, len(runs))
     y = np.arange(len(order))
     for r, run in enumerate(runs):
-      worst_ax.barh(
-          y + (r - (len(runs) - 1) / 2) * height, np.nan_to_num(values[run][order]), height,
-          label=run,
-      )
+      offset = y + (r - (len(runs) - 1) / 2) * height
+      worst_ax.barh(offset, np.nan_to_num(values[run][order]), height, label=run)
+    for i, k in enumerate(order):  # The values, so that a 0 % bar is still read as one.
+      text = " → ".join(f"{values[run][k]:.0f}" for run in runs)
+      worst_ax.text(101, y[i], text, va="center", fontsize="x-small")
     shown = [f"{names[k]} ({'tail' if not head[k] else 'head'})" for k in order]
     worst_ax.set_yticks(y, shown, fontsize="small")
     worst_ax.set_xlim(0, 100)
     worst_ax.set_xlabel("recall (%)")
-    worst_ax.set_title(f"the {len(order)} worst classes of {runs[-1]!r}")
+    at_zero = int(np.sum(last <= 0))
+    ties = f"; {at_zero} classes are at 0 %" if at_zero > len(order) else ""
+    worst_ax.set_title(f"the {len(order)} worst classes of {runs[-1]!r}{ties}", fontsize="medium")
     worst_ax.grid(axis="x", alpha=0.3)
     shown = shown[::-1]
   fig.tight_layout()
