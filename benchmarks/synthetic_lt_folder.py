@@ -33,7 +33,8 @@ def main():
   parser.add_argument("--test", type=int, default=10, help="test images per class")
   parser.add_argument("--size", type=int, default=32)
   parser.add_argument("--noise", type=float, default=60.0)
-  parser.add_argument("--groups", type=int, default=20, help="classes k, k + groups, ... look alike")
+  parser.add_argument("--groups", type=int, default=20,
+                      help="classes k, k + groups, ... look alike")
   parser.add_argument("--own", type=float, default=0.35, help="weight of a class's own pattern")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()

@@ -1,4 +1,6 @@
-r"""CIFAR-100-LT supervised (SPEC §8): N1 = 450, rho = 100 (500 minus the 50-per-class validation), ResNet-32, logit-adjusted CE.
+r"""CIFAR-100-LT supervised (SPEC §8): ResNet-32, logit-adjusted CE.
+
+N1 = 450 (500 minus the 50-per-class validation), rho = 100.
 
   python launch/main.py --config=configs/cifar100_lt_sup.py:pretrain --workdir=runs/c100sup/pre
   python launch/main.py --config=configs/cifar100_lt_sup.py:min_head_tail_recall \

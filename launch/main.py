@@ -13,9 +13,9 @@ with a checkpoint (exit status 128 + the signal number); the same command resume
 
 Exit status: 0 done; 1 a command-line error or any other error; 2 an invalid config (the message
 names the field or file; nothing was computed), or a workdir that belongs to another run (in use
-by a live process, or holding checkpoints of another model); 3 the training diverged (a NaN/inf loss or state:
-the message names the stage, step, learning rate and the last good checkpoint, which is kept; no
-summary is written).
+by a live process, or holding checkpoints of another model); 3 the training diverged (a NaN/inf
+loss or state: the message names the stage, step, learning rate and the last good checkpoint,
+which is kept; no summary is written).
 """
 
 import importlib
@@ -97,7 +97,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 (multi-process without auto-detection)."
 )
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with the above).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes (with the above).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
 
 

@@ -207,7 +207,9 @@ CONFIG_CASES = [
 
 
 @pytest.mark.parametrize(
-    "variant, fields, error, pattern", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES]
+    "variant, fields, error, pattern",
+    [c[1:] for c in CONFIG_CASES],
+    ids=[c[0] for c in CONFIG_CASES],
 )
 def test_config_error_names_the_field_before_compute_and_keeps_the_checkpoints(
     variant, fields, error, pattern, pretrained, no_data
@@ -261,7 +263,8 @@ def test_checkpoint_of_another_model_is_refused(pretrained, tmp_path):
   config = _config(mode="selmix", **{
       "model.kwargs.width": 16, "selmix.init_checkpoint": os.path.join(workdir, "checkpoints")
   })
-  with pytest.raises(checkpointing.CheckpointMismatchError, match=r"\(raw weights\) does not match this run: .* has shape"):
+  with pytest.raises(checkpointing.CheckpointMismatchError,
+                     match=r"\(raw weights\) does not match this run: .* has shape"):
     train.train_and_evaluate(config, str(tmp_path))
   assert _digest(workdir) == before
 
@@ -357,7 +360,8 @@ def test_pretraining_divergence_keeps_the_last_good_checkpoint(pretrained, tmp_p
     "learning_rate, pattern",
     [
         (1e8, r"SelMix fine-tuning diverged at step 4: the refresh's gains are not finite"),
-        (1e30, r"SelMix fine-tuning diverged at step [1-4]: the (training loss is nan|train state)"),
+        (1e30,
+         r"SelMix fine-tuning diverged at step [1-4]: the (training loss is nan|train state)"),
     ],
     ids=["selmix lr 1e8 (gains)", "selmix lr 1e30 (state)"],
 )

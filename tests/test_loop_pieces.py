@@ -207,7 +207,8 @@ def test_divergence_guard_names_stage_step_learning_rate_and_last_checkpoint():
   assert caught.value.step == 9 and caught.value.last_good_step == 6
   nan_state = train_state.replicate({"w": jnp.asarray([1.0, jnp.nan, 0.0])})
   guard.manager = _FakeManager(None)
-  with pytest.raises(loop.Diverged, match="NaN or inf values, at training loss 1 .* No checkpoint had"):
+  with pytest.raises(loop.Diverged,
+                     match="NaN or inf values, at training loss 1 .* No checkpoint had"):
     guard(3, nan_state, train_state.replicate({"loss": jnp.asarray(1.0)}))
 
 

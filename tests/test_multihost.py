@@ -29,7 +29,8 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
       subprocess.Popen(
           [sys.executable, _MAIN, config, f"--workdir={tmp_path / 'two'}", *_SSL_ARGS,
            f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-          env=launch_helpers.env_with_devices(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+          env=launch_helpers.env_with_devices(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          text=True,
       )  # fmt: skip
       for i in range(2)
   ]
@@ -38,12 +39,14 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path):
     assert p.returncode == 0, err[-3000:]
   one = subprocess.run(
       [sys.executable, _MAIN, config, f"--workdir={tmp_path / 'one'}", *_SSL_ARGS],
-      env=launch_helpers.env_with_devices(4), capture_output=True, text=True, check=False, timeout=240,
+      env=launch_helpers.env_with_devices(4), capture_output=True, text=True, check=False,
+      timeout=240,
   )  # fmt: skip
   assert one.returncode == 0, one.stderr[-3000:]
 
   for stage in ("pretrain", "selmix"):
-    assert launch_helpers.summary(tmp_path / "two", stage) == launch_helpers.summary(tmp_path / "one", stage), stage
+    two = launch_helpers.summary(tmp_path / "two", stage)
+    assert two == launch_helpers.summary(tmp_path / "one", stage), stage
   two_selmix = launch_helpers.summary(tmp_path / "two")
   assert np.asarray(two_selmix["after"]["test"]["confusion"]).sum() == len(
       data.build(default.get_config("tiny_ssl").data).test

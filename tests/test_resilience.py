@@ -49,7 +49,8 @@ def test_sigterm_checkpoints_and_the_resumed_run_ends_bit_identical(tmp_path):
       "--config.selmix.num_steps=300", "--config.selmix.checkpoint_every=100",
       "--config.selmix.log_every=1",
   ]  # fmt: skip
-  proc = subprocess.Popen(args, env=launch_helpers.env_with_devices(4), stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      args, env=launch_helpers.env_with_devices(4), stderr=subprocess.PIPE, text=True)
   log = []
   deadline = time.time() + 240
   for line in proc.stderr:  # Wait until fine-tuning is well into its first 100 steps.
@@ -69,7 +70,8 @@ def test_sigterm_checkpoints_and_the_resumed_run_ends_bit_identical(tmp_path):
   assert step == stopped_at, "the work since the last periodic checkpoint was not saved"
   assert not os.path.exists(workdir / "run.json")  # Nothing claims the run finished.
 
-  resumed = subprocess.run(args, env=launch_helpers.env_with_devices(4), capture_output=True, text=True, check=False)
+  resumed = subprocess.run(
+      args, env=launch_helpers.env_with_devices(4), capture_output=True, text=True, check=False)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resumed SelMix fine-tuning from step {stopped_at}" in resumed.stderr
 
