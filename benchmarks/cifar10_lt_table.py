@@ -1,13 +1,15 @@
 """Results tables of fine-tuning runs: test metrics (mean ± std over seeds) and each objective's
 own target against the controls.
 
-  python benchmarks/cifar10_lt_table.py RUN [RUN ...]
+  python benchmarks/cifar10_lt_table.py [--split=val] RUN [RUN ...]
 
 Each RUN is a run directory (a fine-tuning workdir with `summary.json`, or a `pretrain_and_selmix`
 workdir with `selmix/summary.json`), or any folder above such directories, searched recursively.
 Runs are grouped by their starting checkpoint and what they are (SelMix for an objective, or a
-control); seeds of one group are aggregated. Every objective is covered, and every metric of
-`metrics.SCALAR_METRICS` (min head-tail recall included).
+control); seeds of one group are aggregated. Runs of one group whose settings differ in more than
+the seed (e.g. `selmix.temperature_scale`) get a row per setting, named by the fields that differ.
+Every objective is covered, and every metric of `metrics.SCALAR_METRICS` (min head-tail recall
+included). `--split=val` reports the validation split instead of the test split (default).
 """
 
 import collections
@@ -48,6 +50,8 @@ def find_summaries(paths):
   found = []
   for path in paths:
     if os.path.isfile(path):
+      if not path.endswith(".json"):
+        raise SystemExit(f"{path}: expected a run directory or a summary.json file.")
       found.append(path)
       continue
     found += glob.glob(os.path.join(path, "**", "summary.json"), recursive=True)
@@ -84,21 +88,67 @@ def _objective(summary) -> str | None:
   return objectives.canonical_name(summary["objective"])
 
 
-def tables(summaries) -> str:
+# Config fields that do not change what a run computes (or that seeds vary): not a variant.
+_NOT_A_VARIANT = ("seed", "selmix.log_every", "selmix.checkpoint_every", "selmix.eval_every",
+                  "selmix.gain_chunk_size", "data.num_workers", "data.prefetch", "data.cache_dir",
+                  "data.data_dir")  # fmt: skip
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = json.dumps(value)
+  return out
+
+
+def _split_variants(runs, name):
+  """`runs` of one method from one checkpoint -> {row name: runs that differ only by seed}."""
+  flats = [_flat(r["config"]) for r in runs]
+  keys = sorted({k for f in flats for k in f} - set(_NOT_A_VARIANT))
+  differ = [k for k in keys if len({f.get(k) for f in flats}) > 1]
+  if not differ:
+    return {name: runs}
+  variants = collections.defaultdict(list)
+  for run, flat in zip(runs, flats):
+    label = ", ".join(f"{k.split('.')[-1]}={json.loads(flat.get(k, 'null'))}" for k in differ)
+    variants[f"{name}, {label}"].append(run)
+  return dict(variants)
+
+
+def _target(summary, when: str, split: str) -> float:
+  """The objective's target of a run `before`/`after` fine-tuning on `split` (the summary stores
+  the test split's; another split's is computed from its confusion counts)."""
+  if split == "test":
+    return summary[f"target_{when}"]["target"]
+  config = summary["config"]["objective"]
+  hparams = {k: v for k, v in config.get("hparams", {}).items() if v is not None}
+  objective = objectives.get(config["name"], **hparams)
+  confusion = np.asarray(summary[when][split]["confusion"], np.float32)
+  return float(objective.target(confusion)["target"])
+
+
+def tables(summaries, split: str = "test") -> str:
   metrics = metrics_lib.SCALAR_METRICS
-  groups = collections.defaultdict(list)
+  by_method = collections.defaultdict(list)
   for s in summaries:
-    groups[(s["config"]["selmix"]["init_checkpoint"], method(s))].append(s)
+    by_method[(s["config"]["selmix"]["init_checkpoint"], method(s))].append(s)
+  groups = {}
+  for (start, name), runs in by_method.items():
+    for row, members in _split_variants(runs, name).items():
+      groups[(start, row)] = members
   lines = []
   for start in sorted({k[0] for k in groups}):
     members = {m: runs for (c, m), runs in groups.items() if c == start}
     first = next(iter(members.values()))[0]
     lines += [
-        f"\nFrom `{start}` (pre-training step {first.get('pretrain_step')}); test split, ×100:",
+        f"\nFrom `{start}` (pre-training step {first.get('pretrain_step')}); {split} split, ×100:",
         "",
         "| model | runs | " + " | ".join(metrics) + " | constraints hold |",
         "|---|---:|" + "---:|" * (len(metrics) + 1),
-        "| pre-trained | – | " + " | ".join(_cell([first["before"]["test"][m]]) for m in metrics)
+        "| pre-trained | – | " + " | ".join(_cell([first["before"][split][m]]) for m in metrics)
         + " | – |",
     ]
     controls = {m: r for m, r in members.items() if not m.startswith("SelMix")}
@@ -108,40 +158,46 @@ def tables(summaries) -> str:
       held = "–" if gaps[0] is None or _objective(runs[0]) is None else ", ".join(
           "yes" if g >= 0 else f"no ({100 * g:+.2f})" for g in gaps
       )
-      cells = [_cell([r["after"]["test"][m] for r in runs]) for m in metrics]
+      cells = [_cell([r["after"][split][m] for r in runs]) for m in metrics]
       lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {held} |")
     lines += [
         "",
-        "| objective | its target on test (×100) | pre-trained | SelMix | change |"
+        f"| run | its target on {split} (×100) | pre-trained | SelMix | change |"
         + "".join(f" {c} |" for c in sorted(controls)),
         "|---|---|---:|---:|---:|" + "---:|" * len(controls),
     ]
     for name, runs in sorted(selmix.items()):
       objective = _objective(runs[0])
       metric = _TARGET_METRIC.get(objective, "target")
-      before = runs[0]["target_before"]["target"]
-      after = [r["target_after"]["target"] for r in runs]
+      before = _target(runs[0], "before", split)
+      after = [_target(r, "after", split) for r in runs]
       control_cells = [
-          _cell([r["after"]["test"][metric] for r in c]) if metric in c[0]["after"]["test"]
+          _cell([r["after"][split][metric] for r in c]) if metric in c[0]["after"][split]
           else "–"
           for _, c in sorted(controls.items())
       ]  # fmt: skip
+      row = objective if name == f"SelMix ({objective})" else name
       lines.append(
-          f"| {objective} | {metric} | {100 * before:.1f} | {_cell(after)} | "
+          f"| {row} | {metric} | {100 * before:.1f} | {_cell(after)} | "
           f"{_cell(np.asarray(after) - before, signed=True)} |"
           + "".join(f" {c} |" for c in control_cells)
       )
   return "\n".join(lines)
 
 
-def main(paths):
-  summaries = find_summaries(paths)
+def main(argv):
+  split = "test"
+  if argv and argv[0].startswith("--split="):
+    split = argv.pop(0).split("=", 1)[1]
+    if split not in ("val", "test"):
+      raise SystemExit(f"--split={split}: expected val or test.")
+  if not argv:
+    raise SystemExit(__doc__)
+  summaries = find_summaries(argv)
   if not summaries:
-    raise SystemExit(f"No fine-tuning summary.json under {paths}.")
-  print(tables(summaries))
+    raise SystemExit(f"No fine-tuning summary.json under {argv}.")
+  print(tables(summaries, split))
 
 
 if __name__ == "__main__":
-  if len(sys.argv) < 2:
-    raise SystemExit(__doc__)
   main(sys.argv[1:])

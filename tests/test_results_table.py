@@ -53,3 +53,31 @@ def test_every_objective_and_both_controls_from_run_directories(tmp_path):
   assert "| uniform mixup | 2 |" in text and "| CE fine-tuning | 2 |" in text
   assert "min_head_tail_recall" in text.splitlines()[3]
   assert np.isclose(float(text.split("| min_recall | min_recall | ")[1].split(" |")[0]), 40.0)
+
+
+def test_settings_beyond_the_seed_get_rows_and_the_val_split_is_read(tmp_path):
+  """Runs that differ in more than the seed (here the temperature scale) are not averaged, and
+  `--split=val` reports validation metrics and the objective's target from the val counts."""
+  confusion_val = np.diag([8.0, 2.0]) + np.array([[0.0, 2.0], [8.0, 0.0]])  # Recalls 0.8, 0.2.
+  for scale in ("absolute", "max_gain"):
+    for seed in (0, 1):
+      summary = _summary("min_recall", seed=seed, value=0.6 if scale == "max_gain" else 0.5)
+      summary["config"]["selmix"]["temperature_scale"] = scale
+      summary["config"]["selmix"]["log_every"] = 10 + seed  # Bookkeeping: not a variant.
+      summary["config"]["objective"] = {"name": "min_recall", "hparams": {"tau": None}}
+      for when in ("before", "after"):
+        summary[when]["val"] = {m: 0.3 for m in metrics.SCALAR_METRICS}
+        summary[when]["val"]["confusion"] = confusion_val.tolist()
+      os.makedirs(tmp_path / f"{scale}{seed}")
+      json.dump(summary, open(tmp_path / f"{scale}{seed}" / "summary.json", "w"))
+  table = _table_module()
+  summaries = table.find_summaries([str(tmp_path)])
+  text = table.tables(summaries)
+  assert "| SelMix (min_recall), temperature_scale=absolute | 2 | 50.0 ± 0.0 |" in text
+  assert "| SelMix (min_recall), temperature_scale=max_gain | 2 | 60.0 ± 0.0 |" in text
+  val = table.tables(summaries, "val")
+  assert "val split" in val
+  assert "| SelMix (min_recall), temperature_scale=max_gain | 2 | 30.0 ± 0.0 |" in val
+  # The min-recall target on val comes from the val confusion counts: 2 / 10.
+  row = "| SelMix (min_recall), temperature_scale=absolute | min_recall | 20.0 | 20.0 ± 0.0 |"
+  assert row in val
