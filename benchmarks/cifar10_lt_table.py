@@ -118,16 +118,17 @@ def _split_variants(runs, name):
   return dict(variants)
 
 
-def _target(summary, when: str, split: str) -> float:
-  """The objective's target of a run `before`/`after` fine-tuning on `split` (the summary stores
-  the test split's; another split's is computed from its confusion counts)."""
+def _target(summary, when: str, split: str, key: str = "target") -> float | None:
+  """`key` ('target' or 'constraint_gap', None for an objective without constraints) of a run's
+  objective `before`/`after` fine-tuning on `split`: the summary stores the test split's; another
+  split's is computed from its confusion counts."""
   if split == "test":
-    return summary[f"target_{when}"]["target"]
+    return summary[f"target_{when}"].get(key)
   config = summary["config"]["objective"]
   hparams = {k: v for k, v in config.get("hparams", {}).items() if v is not None}
   objective = objectives.get(config["name"], **hparams)
-  confusion = np.asarray(summary[when][split]["confusion"], np.float32)
-  return float(objective.target(confusion)["target"])
+  value = objective.target(np.asarray(summary[when][split]["confusion"], np.float32)).get(key)
+  return None if value is None else float(value)
 
 
 def tables(summaries, split: str = "test") -> str:
@@ -154,8 +155,10 @@ def tables(summaries, split: str = "test") -> str:
     controls = {m: r for m, r in members.items() if not m.startswith("SelMix")}
     selmix = {m: r for m, r in members.items() if m.startswith("SelMix")}
     for name, runs in sorted(controls.items()) + sorted(selmix.items()):
-      gaps = [r["target_after"].get("constraint_gap") for r in runs]
-      held = "–" if gaps[0] is None or _objective(runs[0]) is None else ", ".join(
+      gaps = [None]
+      if _objective(runs[0]) is not None:  # Controls have no constraints of their own.
+        gaps = [_target(r, "after", split, "constraint_gap") for r in runs]
+      held = "–" if gaps[0] is None else ", ".join(
           "yes" if g >= 0 else f"no ({100 * g:+.2f})" for g in gaps
       )
       cells = [_cell([r["after"][split][m] for r in runs]) for m in metrics]
