@@ -88,8 +88,9 @@ def _objective(summary) -> str | None:
   return objectives.canonical_name(summary["objective"])
 
 
-# Config fields that do not change what a run computes (or that seeds vary): not a variant.
-_NOT_A_VARIANT = ("seed", "selmix.log_every", "selmix.checkpoint_every", "selmix.eval_every",
+# Config fields that do not change what a fine-tuning run computes (or that seeds vary): not a
+# variant. Runs of one group start from one checkpoint, so how it was pre-trained is not either.
+_NOT_A_VARIANT = ("seed", "mode", "pretrain.", "selmix.log_every", "selmix.checkpoint_every", "selmix.eval_every",
                   "selmix.gain_chunk_size", "data.num_workers", "data.prefetch", "data.cache_dir",
                   "data.data_dir")  # fmt: skip
 
@@ -107,7 +108,7 @@ def _flat(tree, prefix=""):
 def _split_variants(runs, name):
   """`runs` of one method from one checkpoint -> {row name: runs that differ only by seed}."""
   flats = [_flat(r["config"]) for r in runs]
-  keys = sorted({k for f in flats for k in f} - set(_NOT_A_VARIANT))
+  keys = sorted(k for k in {k for f in flats for k in f} if not k.startswith(_NOT_A_VARIANT))
   differ = [k for k in keys if len({f.get(k) for f in flats}) > 1]
   if not differ:
     return {name: runs}
