@@ -24,6 +24,9 @@ _TRAIN = [
     "scikit-learn>=1.4,<2",  # the bundled digits data set of the default run
     "pillow>=10,<14",
     "matplotlib>=3.8,<4",
+    # The size limit of the launcher's persistent compilation cache turns on JAX's file lock,
+    # which needs it (without it every cache read fails with a warning).
+    "filelock>=3.12,<5",
 ]
 _TFDS = [
     "tensorflow-cpu>=2.16,<2.22",
@@ -38,7 +41,6 @@ _TEST = [
     "hypothesis>=6.100,<7",
     "scipy>=1.12,<2",
     "build>=1.2,<2",
-    "filelock>=3.12,<5",  # JAX's persistent compilation cache locks with it (tests/conftest.py)
 ]
 
 setuptools.setup(

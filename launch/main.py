@@ -18,7 +18,7 @@ loss or state: the message names the stage, step, learning rate and the last goo
 which is kept; no summary is written).
 """
 
-import importlib
+import importlib.util
 import logging as std_logging
 import os
 import re
@@ -143,8 +143,16 @@ def main(argv):
   std_logging.getLogger("absl").addFilter(_quiet_library_info)
   if _COMPILATION_CACHE.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILATION_CACHE.value))
-    # A size limit turns on JAX's file lock, so concurrent runs sharing the cache are safe.
-    jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+    # A size limit turns on JAX's file lock (the `filelock` package, in the train extra), so
+    # concurrent runs sharing the cache are safe.
+    if importlib.util.find_spec("filelock") is not None:
+      jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+    else:
+      logging.warning(
+          "The filelock package is not installed: the compilation cache %s has no size limit "
+          "and no lock (runs sharing it at once may fail); pip install filelock.",
+          _COMPILATION_CACHE.value,
+      )
   explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):

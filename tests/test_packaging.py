@@ -67,6 +67,8 @@ def test_core_wheel_installs_alone_in_a_fresh_venv(tmp_path):
   assert sorted(re.split(r"[<>=!~ ;]", r)[0] for r in unconditional) == ["jax", "numpy"]
   for extra in ("train", "tfds", "torch", "test"):
     assert f"Provides-Extra: {extra}" in metadata
+  # The launcher's compilation cache locks with filelock: `[train]` must bring it.
+  assert re.search(r"Requires-Dist: filelock.*extra == .train.", metadata), metadata
 
   venv = tmp_path / "venv"
   assert _run([sys.executable, "-m", "venv", str(venv)]).returncode == 0
