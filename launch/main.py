@@ -18,7 +18,7 @@ loss or state: the message names the stage, step, learning rate and the last goo
 which is kept; no summary is written).
 """
 
-import importlib.util
+import importlib
 import logging as std_logging
 import os
 import re
@@ -145,9 +145,11 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILATION_CACHE.value))
     # A size limit turns on JAX's file lock (the `filelock` package, in the train extra), so
     # concurrent runs sharing the cache are safe.
-    if importlib.util.find_spec("filelock") is not None:
+    try:
+      import filelock  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
       jax.config.update("jax_compilation_cache_max_size", 4 << 30)
-    else:
+    except ImportError:
       logging.warning(
           "The filelock package is not installed: the compilation cache %s has no size limit "
           "and no lock (runs sharing it at once may fail); pip install filelock.",

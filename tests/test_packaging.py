@@ -102,6 +102,25 @@ def no_tensorflow(tmp_path):
   return env, mark
 
 
+def test_launcher_without_filelock_warns_and_keeps_its_cache_unlocked(tmp_path):
+  """Without `filelock` the launcher says so once instead of letting every cache read fail."""
+  poison = tmp_path / "poison"
+  (poison / "filelock").mkdir(parents=True)
+  (poison / "filelock" / "__init__.py").write_text("raise ImportError('no filelock')\n")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["PYTHONPATH"] = os.pathsep.join([str(poison), env.get("PYTHONPATH", "")])
+  result = _main(
+      f"--config={_REPO}/configs/default.py:tiny",
+      f"--workdir={tmp_path / 'run'}",
+      f"--compilation_cache_dir={tmp_path / 'cache'}",
+      "--config.selmix.temperature=0",  # Stops in validation, after the cache is set up.
+      env=env,
+  )
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "The filelock package is not installed" in result.stderr
+  assert "config.selmix.temperature" in result.stderr
+
+
 def _main(*args, env):
   return _run([sys.executable, os.path.join(_REPO, "launch", "main.py"), *args], env=env)
 
