@@ -90,9 +90,9 @@ def _objective(summary) -> str | None:
 
 # Config fields that do not change what a fine-tuning run computes (or that seeds vary): not a
 # variant. Runs of one group start from one checkpoint, so how it was pre-trained is not either.
-_NOT_A_VARIANT = ("seed", "mode", "pretrain.", "selmix.log_every", "selmix.checkpoint_every", "selmix.eval_every",
-                  "selmix.gain_chunk_size", "data.num_workers", "data.prefetch", "data.cache_dir",
-                  "data.data_dir")  # fmt: skip
+_NOT_A_VARIANT = ("seed", "mode", "pretrain.", "selmix.log_every", "selmix.checkpoint_every",
+                  "selmix.eval_every", "selmix.gain_chunk_size", "data.num_workers",
+                  "data.prefetch", "data.cache_dir", "data.data_dir")  # fmt: skip
 
 
 def _flat(tree, prefix=""):
