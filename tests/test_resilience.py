@@ -33,7 +33,7 @@ _REPO, _MAIN = launch_helpers.REPO, launch_helpers.MAIN
 def _tiny_long(**overrides):
   config = default.get_config("tiny")
   with config.unlocked():
-    config.selmix.num_steps = 300
+    config.selmix.num_steps = 150
     config.selmix.checkpoint_every = 100
     config.selmix.log_every = 1
     for key, value in overrides.items():
@@ -46,7 +46,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_ends_bit_identical(tmp_path):
   workdir = tmp_path / "preempted"
   args = [
       sys.executable, _MAIN, f"--config={_REPO}/configs/default.py:tiny", f"--workdir={workdir}",
-      "--config.selmix.num_steps=300", "--config.selmix.checkpoint_every=100",
+      "--config.selmix.num_steps=150", "--config.selmix.checkpoint_every=100",
       "--config.selmix.log_every=1",
   ]  # fmt: skip
   proc = subprocess.Popen(
@@ -65,7 +65,7 @@ def test_sigterm_checkpoints_and_the_resumed_run_ends_bit_identical(tmp_path):
   assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
   assert "Stopped by SIGTERM after step" in text
   stopped_at = int(text.split("Stopped by SIGTERM after step ")[1].split(";")[0])
-  assert 13 <= stopped_at < 300 and stopped_at % 100
+  assert 13 <= stopped_at < 150 and stopped_at % 100
   step, _ = launch_helpers.checkpoint(workdir / "selmix")
   assert step == stopped_at, "the work since the last periodic checkpoint was not saved"
   assert not os.path.exists(workdir / "run.json")  # Nothing claims the run finished.
