@@ -44,6 +44,7 @@ from selmix_jax import sampling
 from selmix_jax import selmix_state
 from selmix_jax import steps
 from selmix_jax import train_state
+from selmix_jax import workdir as workdir_lib
 from selmix_jax.data import augment
 from selmix_jax.data import loader
 from selmix_jax.data import pipeline
@@ -73,7 +74,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
       model, ds, batch_size=config.eval_batch_size, options=loader.Options.from_config(config.data),
       head_mask=config.objective.hparams.head_mask,
   )
-  r = _Run(config, ds, partner, objective, evaluate, schedule, manager, workdir, **restored)
+  clock = workdir_lib.StageClock(workdir, resumed_at, started=t0)
+  r = _Run(config, ds, partner, objective, evaluate, schedule, manager, workdir, clock, **restored)
   before = _before(config, workdir, r, pre_step, fresh=resumed_at is None)
   try:
     step, stopped = loop.run(
@@ -93,17 +95,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
     r.close_feed()
     manager.wait_until_finished()  # On any exit, let an in-flight asynchronous save finish.
     manager.close()
-  return r.finish(step, stopped, before, pre_step=pre_step, started=t0)
+  return r.finish(step, stopped, before, pre_step=pre_step)
 
 
 class _Run:
   """The mutable parts of one fine-tuning run and the loop's actions over them."""
 
-  def __init__(self, config, ds, partner, objective, evaluate, schedule, manager, workdir, *,
-               state, selmix):
+  def __init__(self, config, ds, partner, objective, evaluate, schedule, manager, workdir, clock,
+               *, state, selmix):
     cfg = self.cfg = config.selmix
     self.config, self.seed, self.ds, self.partner = config, config.seed, ds, partner
-    self.objective, self.evaluate, self.workdir = objective, evaluate, workdir
+    self.objective, self.evaluate, self.workdir, self.clock = objective, evaluate, workdir, clock
     self.writer, self.manager = loop.Writer(workdir), manager
     self.guard = loop.DivergenceGuard(
         "SelMix fine-tuning",
@@ -260,12 +262,13 @@ class _Run:
     self.guard(step, self.state_repl, self.metrics)  # Never checkpoint a non-finite state.
     host = {"state": train_state.unreplicate(self.state_repl), "selmix": self.selmix}
     train_state.save(self.manager, step, host)
+    self.clock.checkpointed(step)
 
-  def finish(self, step, stopped, before, *, pre_step, started) -> dict[str, Any]:
+  def finish(self, step, stopped, before, *, pre_step) -> dict[str, Any]:
     """The final model's passes, `summary.json` and the plots; returns the run's result.
 
-    `wall_time_s` covers the whole stage, from `started` (`time.time()` at its start) to the
-    final passes.
+    `wall_time_s` covers the whole stage, from its start to the final passes, across restarts
+    (`workdir.StageClock`).
     """
     after = {
         s: self.evaluate.summary(
@@ -286,7 +289,7 @@ class _Run:
         "steps": step,
         "stopped_early": stopped,
         "pretrain_step": pre_step,
-        "wall_time_s": time.time() - started,
+        "wall_time_s": self.clock.elapsed(),
     }
     reporting.save_json(self.workdir, "summary.json", {**result, "config": self.config.to_dict()})
     if jax.process_index() == 0:

@@ -26,6 +26,7 @@ from selmix_jax import optim
 from selmix_jax import reporting
 from selmix_jax import steps
 from selmix_jax import train_state
+from selmix_jax import workdir as workdir_lib
 from selmix_jax.data import augment
 from selmix_jax.data import loader
 from selmix_jax.data import pipeline
@@ -55,6 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   restored, resumed_at = train_state.restore(manager, {"state": state})
   if resumed_at is not None:
     logging.info("Resumed pre-training from step %d.", resumed_at)
+  clock = workdir_lib.StageClock(workdir, resumed_at, started=t0)
   options = loader.Options.from_config(config.data)
   evaluate = evaluation.Evaluator(
       model, ds, batch_size=config.eval_batch_size, use_ema=use_ema, options=options,
@@ -65,7 +67,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
       "Pre-training", schedule=schedule, manager=manager,
       lr_field=f"config.pretrain.learning_rate={cfg.learning_rate}",
   )
-  r = _Run(config, ds, restored["state"], int(resumed_at or 0), options, evaluate, writer, guard)
+  r = _Run(config, ds, restored["state"], int(resumed_at or 0), options, evaluate, writer, guard,
+           clock)
   try:
     loop.run(
         start_step=int(resumed_at or 0),
@@ -87,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
       s: evaluate.summary(evaluate(r.state_repl, getattr(ds, s), name=f"{s} (final)"))
       for s in ("val", "test")
   }
-  result.update(steps=cfg.num_steps, wall_time_s=time.time() - t0)
+  result.update(steps=cfg.num_steps, wall_time_s=clock.elapsed())
   writer.scalars(cfg.num_steps, reporting.flat_scalars("test", result["test"]))
   writer.close()
   reporting.save_json(workdir, "summary.json", {**result, "config": config.to_dict()})
@@ -97,11 +100,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
 class _Run:
   """The mutable parts of one pre-training run and the loop's actions over them."""
 
-  def __init__(self, config, ds, state, start_step, options, evaluate, writer, guard):
+  def __init__(self, config, ds, state, start_step, options, evaluate, writer, guard, clock):
     self.cfg, self.ds, self.evaluate, self.writer, self.guard = (
         config.pretrain, ds, evaluate, writer, guard
     )
-    self.state_repl, self.metrics = train_state.replicate(state), None
+    self.state_repl, self.metrics, self.clock = train_state.replicate(state), None, clock
     self.key = jax.random.key(config.seed + 1)
     self.p_train_step = make_train_step(self.cfg, ds, train_augment=config.data.train_augment)
     batches = make_batches(ds, self.cfg, config.seed, pipeline.Layout.local())
@@ -127,6 +130,7 @@ class _Run:
   def save(self, step):
     self.guard(step, self.state_repl, self.metrics)  # Never checkpoint a non-finite state.
     train_state.save(self.guard.manager, step, {"state": train_state.unreplicate(self.state_repl)})
+    self.clock.checkpointed(step)
 
 
 def _schedule(cfg: ml_collections.ConfigDict):

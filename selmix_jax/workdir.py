@@ -7,6 +7,7 @@
   config, result and results table); the same command run again gets the stored result back
   without compiling or evaluating anything, and another config on that workdir is refused with the
   first differing field.
+- `StageClock`: a stage's wall time across restarts (what a preempted and resumed stage reports).
 """
 
 import contextlib
@@ -25,6 +26,7 @@ from selmix_jax import reporting
 
 LOCK_FILE = ".lock"
 DONE_FILE = "run.json"
+WALL_TIME_FILE = "wall_time.json"
 
 
 class WorkdirInUseError(RuntimeError):
@@ -81,6 +83,36 @@ def _acquire(path: str, workdir: str) -> str | None:
       json.dump(me, f)
     return None
   return f"Could not lock workdir {workdir} ({path} keeps changing)."
+
+
+class StageClock:
+  """The wall time of a stage, across the processes that worked on it.
+
+  Each checkpoint records the seconds the stage had run when it was written
+  (`<stage dir>/wall_time.json`, `{step: seconds}`, process 0). A stage resumed from step S starts
+  from what was recorded for S, so `elapsed()` at the end counts every process that brought the
+  stage there, start-ups included (the steps a killed process made after its last checkpoint are
+  lost work and not counted).
+  """
+
+  def __init__(self, stage_dir: str, resumed_at: int | None, started: float):
+    """`started`: `time.time()` when this process began the stage."""
+    self._path = os.path.join(stage_dir, WALL_TIME_FILE)
+    self._started = started
+    recorded = (_read(self._path) or {}) if resumed_at is not None else {}
+    self.before = float(recorded.get(str(int(resumed_at or 0)), 0.0))
+
+  def elapsed(self) -> float:
+    """Seconds of the stage so far: before this process's restart, and since."""
+    return self.before + time.time() - self._started
+
+  def checkpointed(self, step: int) -> None:
+    """Records the time at the checkpoint of `step` (call after saving it)."""
+    if jax.process_index() != 0:
+      return
+    recorded = _read(self._path) or {}
+    recorded[str(int(step))] = self.elapsed()
+    reporting.write_json(self._path, recorded)
 
 
 def _read(path: str) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -74,6 +75,10 @@ def test_sigterm_checkpoints_and_the_resumed_run_ends_bit_identical(tmp_path):
       args, env=launch_helpers.env_with_devices(4), capture_output=True, text=True, check=False)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resumed SelMix fine-tuning from step {stopped_at}" in resumed.stderr
+  # The stage's wall time counts the preempted process up to its last checkpoint as well.
+  recorded = json.load(open(workdir / "selmix" / workdir_lib.WALL_TIME_FILE))
+  wall_time = json.load(open(workdir / "selmix" / "summary.json"))["wall_time_s"]
+  assert recorded[str(stopped_at)] > 0 and wall_time > recorded[str(stopped_at)]
 
   full = tmp_path / "full"
   train.train_and_evaluate(_tiny_long(), str(full))
@@ -81,6 +86,23 @@ def test_sigterm_checkpoints_and_the_resumed_run_ends_bit_identical(tmp_path):
   _, a = launch_helpers.checkpoint(workdir / "selmix")
   _, b = launch_helpers.checkpoint(full / "selmix")
   jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_stage_clock_counts_the_processes_before_a_restart(tmp_path, monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr(workdir_lib, "time", types.SimpleNamespace(time=lambda: now[0]))
+  clock = workdir_lib.StageClock(str(tmp_path), None, started=100.0)
+  now[0] = 130.0
+  clock.checkpointed(10)
+  now[0] = 150.0
+  clock.checkpointed(20)
+  # Killed at 170: its last 20 s are lost work. Resumed from step 20 by a process started at 200.
+  now[0] = 260.0
+  assert workdir_lib.StageClock(str(tmp_path), 20, started=200.0).elapsed() == 50.0 + 60.0
+  # Restored from the older checkpoint (the newest was damaged): the time up to step 10.
+  assert workdir_lib.StageClock(str(tmp_path), 10, started=250.0).elapsed() == 30.0 + 10.0
+  # A stage that starts afresh ignores what is recorded.
+  assert workdir_lib.StageClock(str(tmp_path), None, started=255.0).elapsed() == 5.0
 
 
 # ------------------------------------------------------------ damaged and other checkpoints
