@@ -2,8 +2,9 @@
 
 Compiled executables that took at least 0.2 s go to a persistent cache in a temporary directory
 for this session (set through the environment, so the subprocesses of multi-process and restart
-tests share it): a run that compiles what an earlier test compiled loads it instead. Its size limit enables JAX's file
-lock around cache reads and writes, which processes sharing the cache need.
+tests share it): a run that compiles what an earlier test compiled loads it instead. Its size
+limit enables JAX's file lock around cache reads and writes, which processes sharing the cache
+need.
 """
 
 import atexit
