@@ -123,9 +123,8 @@ def evaluate(
   index, mask = pipeline.eval_plan(indices, batch_size, layout)
   batches = pipeline.EvalBatches(source, index, mask, layout.num_devices)
   totals, preds, max_prob = None, [], []
-  decodes = pipeline.decodes_on_access(source)
   start = last_log = time.monotonic()
-  with loader.Feed(batches, 0, len(batches), options=options, decodes=decodes) as feed:
+  with loader.Feed(batches, 0, len(batches), options=options, decodes=batches.decodes) as feed:
     for batch in feed:
       out = p_eval_step(variables_repl, batch)
       counts = {k: out[k] for k in ("confusion", "feature_sums", "class_counts")}

@@ -158,8 +158,7 @@ class _Run:
         self.ds.labeled, self.partner, self.strategy, self.cfg.batch_size, self.seed,
         pipeline.Layout.local(),
     )
-    decodes = any(pipeline.decodes_on_access(s.source) for s in (self.ds.labeled, self.partner))
-    self.feed = loader.Feed(batches, step, stop, options=self.options, decodes=decodes)
+    self.feed = loader.Feed(batches, step, stop, options=self.options, decodes=batches.decodes)
 
   def close_feed(self):
     if self.feed is not None:

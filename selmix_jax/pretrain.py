@@ -195,8 +195,7 @@ class _Batches:
 
   @property
   def decodes(self) -> bool:
-    splits = (self.labeled.split,) + ((self.unlabeled.split,) if self.unlabeled else ())
-    return any(pipeline.decodes_on_access(split.source) for split in splits)
+    return self.labeled.decodes or (self.unlabeled is not None and self.unlabeled.decodes)
 
   def __call__(self, step: int) -> dict[str, Any]:
     batch = self.labeled(step)

@@ -167,6 +167,11 @@ class EvalBatches:
   def __len__(self) -> int:
     return len(self.index)
 
+  @property
+  def decodes(self) -> bool:
+    """Whether loading decodes images (`loader.Feed(..., decodes=)`)."""
+    return decodes_on_access(self.source)
+
   def __call__(self, t: int) -> Batch:
     return _assemble(self.source, self.index[t], self.mask[t], self.num_devices)
 
@@ -251,6 +256,11 @@ class UniformBatches:
   seed: int
   layout: Layout
 
+  @property
+  def decodes(self) -> bool:
+    """Whether loading decodes images (`loader.Feed(..., decodes=)`)."""
+    return decodes_on_access(self.split.source)
+
   def __call__(self, step: int) -> Batch:
     picks = uniform_indices(len(self.split), self.batch_size, seed=self.seed, step=step)
     local = self.split.indices[self.layout.share(picks)]
@@ -272,6 +282,11 @@ class PairBatches:
   batch_size: int
   seed: int
   layout: Layout
+
+  @property
+  def decodes(self) -> bool:
+    """Whether loading decodes images (`loader.Feed(..., decodes=)`)."""
+    return decodes_on_access(self.first.source) or decodes_on_access(self.second.source)
 
   def __call__(self, step: int) -> Batch:
     idx1, idx2 = self.strategy.sample(self.batch_size, seed=self.seed, step=step)
