@@ -125,9 +125,7 @@ def _target(summary, when: str, split: str, key: str = "target") -> float | None
   split's is computed from its confusion counts."""
   if split == "test":
     return summary[f"target_{when}"].get(key)
-  config = summary["config"]["objective"]
-  hparams = {k: v for k, v in config.get("hparams", {}).items() if v is not None}
-  objective = objectives.get(config["name"], **hparams)
+  objective = objectives.from_config(summary["config"]["objective"])
   value = objective.target(np.asarray(summary[when][split]["confusion"], np.float32)).get(key)
   return None if value is None else float(value)
 

@@ -160,11 +160,12 @@ def is_known(name: str) -> bool:
 def from_config(config) -> Objective:
   """The objective of a `config.objective` section: `name`, and the `hparams` that are set.
 
+  `config` is a ConfigDict or a plain mapping (e.g. the config stored in a `summary.json`).
   Hyperparameters left at None take the objective's default (and are not passed to a user
   objective at all).
   """
   hparams = {k: v for k, v in dict(config.get("hparams", {})).items() if v is not None}
-  return get(config.name, **hparams)
+  return get(config["name"], **hparams)
 
 
 def aliases() -> dict[str, str]:
