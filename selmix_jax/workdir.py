@@ -99,8 +99,9 @@ class StageClock:
     """`started`: `time.time()` when this process began the stage."""
     self._path = os.path.join(stage_dir, WALL_TIME_FILE)
     self._started = started
-    recorded = (_read(self._path) or {}) if resumed_at is not None else {}
-    self.before = float(recorded.get(str(int(resumed_at or 0)), 0.0))
+    # `{step: seconds}` of this stage's checkpoints so far (a fresh stage starts a new record).
+    self._recorded = (_read(self._path) or {}) if resumed_at is not None else {}
+    self.before = float(self._recorded.get(str(int(resumed_at or 0)), 0.0))
 
   def elapsed(self) -> float:
     """Seconds of the stage so far: before this process's restart, and since."""
@@ -110,9 +111,8 @@ class StageClock:
     """Records the time at the checkpoint of `step` (call after saving it)."""
     if jax.process_index() != 0:
       return
-    recorded = _read(self._path) or {}
-    recorded[str(int(step))] = self.elapsed()
-    reporting.write_json(self._path, recorded)
+    self._recorded[str(int(step))] = self.elapsed()
+    reporting.write_json(self._path, self._recorded)
 
 
 def _read(path: str) -> dict[str, Any] | None:
