@@ -56,11 +56,6 @@ def process_slice(global_array: np.ndarray, process_index: int, process_count: i
   return global_array[process_index * share : (process_index + 1) * share]
 
 
-def process_share(global_array: np.ndarray) -> np.ndarray:
-  """This process's share of a global batch (each host loads only its own examples)."""
-  return process_slice(global_array, jax.process_index(), jax.process_count())
-
-
 def check_global_batch(batch_size: int, *, field: str) -> int:
   """Returns the per-device batch size, or raises a ValueError naming the config field."""
   devices = jax.device_count()
