@@ -218,7 +218,7 @@ def stream_tables(args) -> None:
     train_state.create(model, jax.random.key(0), (224, 224, 3), tx), devices=device
   )
   key = jax.random.key(1)
-  on_device = jax.device_put(batches(0), loader.local_sharding(devices=device))
+  on_device = jax.device_put(batches(0), train_state.local_sharding(devices=device))
   carry = {"state": state}
 
   def train(batch):

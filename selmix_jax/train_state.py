@@ -83,6 +83,18 @@ def from_variables(model, variables: dict[str, Any], tx: optax.GradientTransform
   )
 
 
+def local_sharding(axis_name: str = "batch", devices=None) -> jax.sharding.NamedSharding:
+  """Leading axis split over this process's devices, as `pmap(axis_name=...)` places its
+  inputs and outputs: what `replicate` and `loader.Feed` (the batches) put on the devices.
+
+  Under JAX >= 0.8 `pmap` keys its trace cache on input shardings, so inputs placed this way
+  compile the step once.
+  """
+  devices = jax.local_devices() if devices is None else devices
+  mesh = jax.sharding.Mesh(np.array(devices), (axis_name,))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
+
+
 def replicate(tree: T, *, axis_name: str = "batch", devices=None) -> T:
   """Stacks `tree` over the local devices, placed as `pmap(..., axis_name)` places outputs.
 
@@ -99,10 +111,9 @@ def replicate(tree: T, *, axis_name: str = "batch", devices=None) -> T:
     The tree with a leading device axis, sharded one slice per device.
   """
   devices = jax.local_devices() if devices is None else devices
-  mesh = jax.sharding.Mesh(np.array(devices), (axis_name,))
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
   return jax.device_put(
-      jax.tree.map(lambda x: jnp.broadcast_to(x, (len(devices), *jnp.shape(x))), tree), sharding
+      jax.tree.map(lambda x: jnp.broadcast_to(x, (len(devices), *jnp.shape(x))), tree),
+      local_sharding(axis_name, devices),
   )
 
 

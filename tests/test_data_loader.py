@@ -52,7 +52,7 @@ def test_feed_yields_the_synchronous_batches_in_order_on_the_devices():
     for step in range(5, 12):
       batch = feed.next(step)
       _assert_batches_equal(batch, batches(step))
-      assert batch["images"].sharding == loader.local_sharding()
+      assert batch["images"].sharding == train_state.local_sharding()
       assert batch["images"].shape == (4, 2, 6, 6, 3)
     with pytest.raises(ValueError, match="ends before step 12"):
       feed.next(12)

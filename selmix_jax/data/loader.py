@@ -34,8 +34,9 @@ from typing import Any, Self
 
 import grain
 import jax
-import numpy as np
 from absl import flags
+
+from selmix_jax import train_state
 
 Batch = Any
 
@@ -63,17 +64,6 @@ class Options:
 def default_workers() -> int:
   """Workers when `num_workers = -1`: every CPU but one for the training process, at most 32."""
   return max(1, min(32, (os.cpu_count() or 2) - 1))
-
-
-def local_sharding(axis_name: str = "batch", devices=None) -> jax.sharding.NamedSharding:
-  """Leading axis split over this process's devices, as `pmap(axis_name=...)` places inputs.
-
-  Under JAX >= 0.8 `pmap` keys its trace cache on input shardings, so inputs placed this way
-  (like `train_state.replicate`'s) compile the step once.
-  """
-  devices = jax.local_devices() if devices is None else devices
-  mesh = jax.sharding.Mesh(np.array(devices), (axis_name,))
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
 
 
 def _allow_unparsed_absl_flags() -> None:
@@ -111,7 +101,7 @@ class Feed:
       options: workers and prefetch depth (None = `Options()`: a thread, prefetch 2).
       decodes: whether `load` decodes images (then `options.num_workers` workers are used);
         False for in-memory sources, which are loaded in a thread whatever the options say.
-      sharding: where batches go (default `local_sharding()`).
+      sharding: where batches go (default `train_state.local_sharding()`).
     """
     options = options or Options()
     if options.prefetch < 1:
@@ -133,7 +123,7 @@ class Feed:
       stream = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=0))
     stream = grain.experimental.device_put(
       stream,
-      sharding or local_sharding(),
+      sharding or train_state.local_sharding(),
       cpu_buffer_size=options.prefetch,
       device_buffer_size=options.prefetch,
     )
