@@ -27,6 +27,7 @@ import importlib.util
 import io
 import os
 import pathlib
+import subprocess
 import sys
 import time
 import zipfile
@@ -57,6 +58,16 @@ PAPER = {
   "selmix.log_every": 500,
   "selmix.eval_every": 10_000,
   "selmix.checkpoint_every": 2_500,
+}
+# Pre-training methods (`--pretrain`): overrides of the fields above.
+PRETRAIN = {
+  "lace": {"pretrain.method": "supervised"},
+  "mislas": {"pretrain.method": "mislas"},  # MiSLAS (Zhong et al. 2021): mixup, then cRT + LAS
+}
+SMOKE_PRETRAIN = {}
+# Named extras of a variant, `min_recall@max_gain`: a run of that variant with these overrides.
+EXTRAS = {
+  "max_gain": {"selmix.temperature_scale": "max_gain"},
 }
 # --smoke: a few steps of everything on generated data, sized for a CPU with 4 (fake) devices.
 SMOKE = {
@@ -134,48 +145,151 @@ def write_smoke_data(path: pathlib.Path, *, train: int = 40, test: int = 6) -> N
           archive.writestr(f"cifar10-jpeg/{split}/class{k}/{i:04d}.jpg", data.getvalue())
 
 
+def _show_progress() -> None:
+  """absl INFO lines (each stage's steps/s and ETA) on stderr, as under `app.run`."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+
+
+def _variant_spec(name: str) -> tuple[str, dict]:
+  """`min_recall` or `min_recall@max_gain` (a variant of configs/cifar10_lt_cpu.py plus the
+  overrides `EXTRAS` names after the `@`)."""
+  variant, _, extra = name.partition("@")
+  if extra and extra not in EXTRAS:
+    raise SystemExit(f"variant {name!r}: unknown extra {extra!r}; known: {sorted(EXTRAS)}.")
+  return variant, dict(EXTRAS.get(extra, {}))
+
+
+def _workdir(runs: pathlib.Path, seed: int, name: str) -> pathlib.Path:
+  return runs / f"seed{seed}" / name.replace("@", "_")
+
+
+def _run_one(runs, data, overrides, variant_name, workdir, **kwargs):
+  from selmix_jax import train  # pylint: disable=g-import-not-at-top
+
+  start = time.time()
+  variant, extra = _variant_spec(variant_name)
+  config = make_config(variant, data=data, overrides={**overrides, **extra}, **kwargs)
+  print(f"== {workdir}: {variant_name}", flush=True)
+  train.train_and_evaluate(config, str(workdir))
+  line = f"{workdir}: {time.time() - start:.0f} s"
+  print(line, flush=True)
+  with open(runs / "wall_times.txt", "a", encoding="utf-8") as out:
+    out.write(line + "\n")
+
+
+def _last_progress(log: pathlib.Path) -> str:
+  """The newest 'Step i/n: r steps/s, ETA t' (or stage) line of a worker's log."""
+  try:
+    lines = log.read_text(errors="replace").splitlines()
+  except OSError:
+    return "starting"
+  for line in reversed(lines):
+    for mark in ("steps/s", "Resumed", "compil", "Early stop", "Error", "Diverged"):
+      if mark in line:
+        return line.split("] ", 1)[-1][:110]
+  return "starting"
+
+
+def _run_parallel(args, runs, todo, deadline) -> list:
+  """Runs each (seed, variant) in its own process, `args.jobs` at a time; returns those not
+  started before the deadline."""
+  logs = runs / "logs"
+  logs.mkdir(exist_ok=True)
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  running, failed, last_report = {}, [], 0.0
+  todo = list(todo)
+  while todo or running:
+    while todo and len(running) < args.jobs and time.time() < deadline:
+      seed, name = todo.pop(0)
+      log = logs / f"seed{seed}_{name.replace('@', '_')}.log"
+      cmd = [sys.executable, __file__, str(runs), "--data", args.data, "--pretrain", args.pretrain,
+             "--one", str(seed), name] + (["--smoke"] if args.smoke else [])
+      running[(seed, name)] = (subprocess.Popen(
+          cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env), log)
+      print(f"started seed {seed} {name} (log {log})", flush=True)
+    if todo and time.time() >= deadline and len(running) == 0:
+      break
+    time.sleep(1.0)
+    for key, (proc, log) in list(running.items()):
+      if proc.poll() is not None:
+        del running[key]
+        status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+        print(f"seed {key[0]} {key[1]}: {status}; {_last_progress(log)}", flush=True)
+        if proc.returncode:
+          failed.append(key)
+          print(log.read_text(errors="replace")[-3000:], flush=True)
+    if running and time.time() - last_report > args.report_every:
+      last_report = time.time()
+      for (seed, name), (_, log) in sorted(running.items()):
+        print(f"  seed {seed} {name}: {_last_progress(log)}", flush=True)
+  if failed:
+    raise SystemExit(f"{len(failed)} run(s) failed: {failed}")
+  return todo
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("runs")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0])
   parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "cifar10-jpeg.zip"))
+  parser.add_argument("--pretrain", choices=sorted(PRETRAIN), default="mislas")
+  parser.add_argument("--stage", choices=("all", "pretrain", "finetune"), default="all")
+  parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+  parser.add_argument("--jobs", type=int, default=1,
+                      help="fine-tuning runs at a time, each in its own process (one GPU shared)")
+  parser.add_argument("--deadline", type=float, default=float("inf"),
+                      help="seconds after which no further run is started (rerun to continue)")
+  parser.add_argument("--report_every", type=float, default=30.0)
+  parser.add_argument("--one", nargs=2, metavar=("SEED", "VARIANT"), help=argparse.SUPPRESS)
   parser.add_argument("--smoke", action="store_true")
   args = parser.parse_args()
+  started = time.time()
   runs = pathlib.Path(args.runs)
   runs.mkdir(parents=True, exist_ok=True)
-  overrides = SMOKE if args.smoke else PAPER
+  overrides = {**(SMOKE if args.smoke else PAPER), **PRETRAIN[args.pretrain]}
+  if args.smoke:
+    overrides.update(SMOKE_PRETRAIN.get(args.pretrain, {}))
   data = args.data
   if args.smoke:
-    data = str(runs / "smoke_data.zip")
+    data = args.data = str(runs / "smoke_data.zip")
     if not os.path.exists(data):
       write_smoke_data(pathlib.Path(data))
   elif not os.path.exists(data):
     raise SystemExit(f"{data} not found: pass --data=<path of cifar10-jpeg.zip>.")
-
+  for name in args.variants:
+    _variant_spec(name)
+  _show_progress()
   import jax  # pylint: disable=g-import-not-at-top
 
-  from selmix_jax import train  # pylint: disable=g-import-not-at-top
-
-  print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}", flush=True)
-  with open(runs / "wall_times.txt", "a", encoding="utf-8") as times:
-
-    def run(variant, workdir, **kwargs):
-      start = time.time()
-      config = make_config(variant, data=data, overrides=overrides, **kwargs)
-      print(f"== {workdir}: {variant}", flush=True)
-      train.train_and_evaluate(config, str(workdir))
-      line = f"{workdir}: {time.time() - start:.0f} s"
-      print(line, flush=True)
-      times.write(line + "\n")
-      times.flush()
-
-    total = time.time()
-    run("pretrain", runs / "pretrain")
-    init = str(runs / "pretrain" / "checkpoints")
-    for seed in args.seeds:
-      for variant in VARIANTS:
-        run(variant, runs / f"seed{seed}" / variant, seed=seed, init=init)
-    print(f"all runs: {time.time() - total:.0f} s", flush=True)
+  init = str(runs / "pretrain" / "checkpoints")
+  if args.one:
+    seed, name = int(args.one[0]), args.one[1]
+    _run_one(runs, data, overrides, name, _workdir(runs, seed, name), seed=seed, init=init)
+    return
+  print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}, "
+        f"pre-training {args.pretrain}", flush=True)
+  if args.stage in ("all", "pretrain"):
+    _run_one(runs, data, overrides, "pretrain", runs / "pretrain")
+  if args.stage in ("all", "finetune"):
+    todo = [(seed, name) for seed in args.seeds for name in args.variants]
+    deadline = started + args.deadline
+    if args.jobs > 1:
+      left = _run_parallel(args, runs, todo, deadline)
+    else:
+      left = []
+      for i, (seed, name) in enumerate(todo):
+        if time.time() >= deadline:
+          left = todo[i:]
+          break
+        _run_one(runs, data, overrides, name, _workdir(runs, seed, name), seed=seed,
+                 init=init)
+    if left:
+      print(f"deadline: {len(left)} run(s) not started ({left}); rerun the same command to "
+            "continue (finished runs are skipped, interrupted ones resume).", flush=True)
+  print(f"all runs: {time.time() - started:.0f} s", flush=True)
   if "tensorflow" in sys.modules:
     print("note: TensorFlow was imported, though nothing here needs it.", flush=True)
 
