@@ -180,6 +180,28 @@ def _run_one(runs, data, overrides, variant_name, workdir, **kwargs):
     out.write(line + "\n")
 
 
+def _run_many(runs, data, overrides, todo, init):
+  """`finetune.run_many`: the runs `todo` [(seed, variant)] in one program (states stacked,
+  one vmapped step), each in its own workdir."""
+  from selmix_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from selmix_jax import finetune  # pylint: disable=g-import-not-at-top
+
+  start = time.time()
+  configs, workdirs = [], []
+  for seed, name in todo:
+    variant, extra = _variant_spec(name)
+    configs.append(make_config(variant, data=data, overrides={**overrides, **extra}, seed=seed,
+                               init=init))
+    workdirs.append(_workdir(runs, seed, name))
+  print(f"== {len(todo)} runs in one program: {todo}", flush=True)
+  finetune.run_many(configs, workdirs, data_lib.build(configs[0].data))
+  line = f"{len(todo)} runs together ({', '.join(f'{s}:{n}' for s, n in todo)}): " \
+         f"{time.time() - start:.0f} s"
+  print(line, flush=True)
+  with open(runs / "wall_times.txt", "a", encoding="utf-8") as out:
+    out.write(line + "\n")
+
+
 def _last_progress(log: pathlib.Path) -> str:
   """The newest 'Step i/n: r steps/s, ETA t' (or stage) line of a worker's log."""
   try:
@@ -201,15 +223,25 @@ def _run_parallel(args, runs, todo, deadline) -> list:
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
   running, failed, last_report = {}, [], 0.0
   todo = list(todo)
+  if args.together:  # `args.jobs` groups of runs, each group one program (`finetune.run_many`)
+    size = -(-len(todo) // args.jobs)
+    todo = [tuple(todo[i:i + size]) for i in range(0, len(todo), size)]
   while todo or running:
     while todo and len(running) < args.jobs and time.time() < deadline:
-      seed, name = todo.pop(0)
-      log = logs / f"seed{seed}_{name.replace('@', '_')}.log"
-      cmd = [sys.executable, __file__, str(runs), "--data", args.data, "--pretrain", args.pretrain,
-             "--one", str(seed), name] + (["--smoke"] if args.smoke else [])
-      running[(seed, name)] = (subprocess.Popen(
+      item = todo.pop(0)
+      cmd = [sys.executable, __file__, str(runs), "--data", args.data, "--pretrain", args.pretrain]
+      if args.together:
+        key = (item[0][0], "+".join(f"{s}:{n}" for s, n in item))
+        log = logs / f"group_{len(running) + len(failed)}_{item[0][0]}_{item[0][1]}.log"
+        cmd += ["--many"] + [f"{s}:{n}" for s, n in item]
+      else:
+        key = item
+        log = logs / f"seed{item[0]}_{item[1].replace('@', '_')}.log"
+        cmd += ["--one", str(item[0]), item[1]]
+      cmd += ["--smoke"] if args.smoke else []
+      running[key] = (subprocess.Popen(
           cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, env=env), log)
-      print(f"started seed {seed} {name} (log {log})", flush=True)
+      print(f"started {key[1]} (log {log})", flush=True)
     if todo and time.time() >= deadline and len(running) == 0:
       break
     time.sleep(1.0)
@@ -217,14 +249,14 @@ def _run_parallel(args, runs, todo, deadline) -> list:
       if proc.poll() is not None:
         del running[key]
         status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
-        print(f"seed {key[0]} {key[1]}: {status}; {_last_progress(log)}", flush=True)
+        print(f"{key[1]}: {status}; {_last_progress(log)}", flush=True)
         if proc.returncode:
           failed.append(key)
           print(log.read_text(errors="replace")[-3000:], flush=True)
     if running and time.time() - last_report > args.report_every:
       last_report = time.time()
-      for (seed, name), (_, log) in sorted(running.items()):
-        print(f"  seed {seed} {name}: {_last_progress(log)}", flush=True)
+      for (_, name), (_, log) in sorted(running.items()):
+        print(f"  {name}: {_last_progress(log)}", flush=True)
   if failed:
     raise SystemExit(f"{len(failed)} run(s) failed: {failed}")
   return todo
@@ -243,7 +275,10 @@ def main():
   parser.add_argument("--deadline", type=float, default=float("inf"),
                       help="seconds after which no further run is started (rerun to continue)")
   parser.add_argument("--report_every", type=float, default=30.0)
+  parser.add_argument("--together", action="store_true",
+                      help="train the runs of each job in one program (finetune.run_many)")
   parser.add_argument("--one", nargs=2, metavar=("SEED", "VARIANT"), help=argparse.SUPPRESS)
+  parser.add_argument("--many", nargs="+", metavar="SEED:VARIANT", help=argparse.SUPPRESS)
   parser.add_argument("--smoke", action="store_true")
   args = parser.parse_args()
   started = time.time()
@@ -269,6 +304,10 @@ def main():
     seed, name = int(args.one[0]), args.one[1]
     _run_one(runs, data, overrides, name, _workdir(runs, seed, name), seed=seed, init=init)
     return
+  if args.many:
+    todo = [(int(item.split(":", 1)[0]), item.split(":", 1)[1]) for item in args.many]
+    _run_many(runs, data, overrides, todo, init)
+    return
   print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}, "
         f"pre-training {args.pretrain}", flush=True)
   if args.stage in ("all", "pretrain"):
@@ -278,6 +317,9 @@ def main():
     deadline = started + args.deadline
     if args.jobs > 1:
       left = _run_parallel(args, runs, todo, deadline)
+    elif args.together:
+      _run_many(runs, data, overrides, todo, init)
+      left = []
     else:
       left = []
       for i, (seed, name) in enumerate(todo):
