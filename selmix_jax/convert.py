@@ -1,4 +1,5 @@
-r"""Converts the SelMix authors' PyTorch checkpoints into Flax variables and Orbax checkpoints.
+r"""Converts the SelMix authors' (and MiSLAS's) PyTorch checkpoints into Flax variables and
+Orbax checkpoints.
 
 Fine-tuning from a published checkpoint is two commands:
 
@@ -6,6 +7,11 @@ Fine-tuning from a published checkpoint is two commands:
     --num_classes=10 --out=runs/c10ssl/converted
   python launch/main.py --config=configs/cifar10_lt_ssl.py:min_recall \
     --config.selmix.init_checkpoint=runs/c10ssl/converted --workdir=runs/c10ssl/min_recall
+
+The supervised CIFAR-LT experiments start from MiSLAS's published stage-2 checkpoints:
+
+  python -m selmix_jax.convert --torch_checkpoint=model_best.pth.tar --model=resnet32 \
+    --num_classes=10 --out=runs/c10/mislas_converted
 
 The output directory is an Orbax `CheckpointManager` directory holding one step with
 `{'state': {'params': ..., 'batch_stats': ...}}` (plain dicts of float32 NumPy arrays), the layout
@@ -17,7 +23,15 @@ Checkpoint layouts read (`torch.load` of a `.pth` file):
     'scheduler', 'it'}`; `eval_model` (the EMA weights, where SelMix fine-tuning starts) is read
     unless `source='train_model'`;
   - the release's fine-tuning checkpoint `{'model', 'optimizer', 'it'}`, or `{'state_dict': ...}`;
+  - MiSLAS's (github.com/dvlab-research/MiSLAS) `.pth.tar`, `{'epoch', 'state_dict_model',
+    'state_dict_classifier', 'best_acc1', 'its_ece'}` after stage 1, plus
+    `'state_dict_lws_model'` after stage 2: the backbone (`resnet32_fe`, or ResNet-50's
+    `ResNet_FE`), its `Classifier` (`fc.weight`, `fc.bias`) and the learnable weight scaling
+    `learned_norm` [1, K], folded into the head (`W[k] *= s[k]`, `b[k] *= s[k]`) so our logits
+    equal their `learned_norm * fc(features)`. Places-LT's extra `state_dict_block` is refused;
   - a bare state dict.
+  The layout is told by the top-level keys; a file with both MiSLAS's and the release's entries
+  is refused, naming the keys found.
   State dicts may be those of the release's wrapper module (keys `model.*`, plus `classifier.*`,
   a second reference to `model.fc` that must equal it) and may carry DataParallel `module.`
   prefixes; `num_batches_tracked` buffers are ignored.
@@ -28,6 +42,9 @@ Models and PyTorch names (every other key is an error, as is a missing key or a 
   - `resnet50`: torchvision's ResNet-50 names, which timm's `resnet50` (what the release builds
     with `timm.create_model`) shares: `conv1`, `bn1`,
     `layer{s}.{b}.{conv1,bn1,conv2,bn2,conv3,bn3,downsample.0,downsample.1}`, `fc`.
+  - `resnet32` (and `resnet20`): MiSLAS's/LDAM-DRW's `resnet_cifar.py`, `conv1`, `bn1`,
+    `layer{s}.{b}.{conv1,bn1,conv2,bn2}`, `fc`; the option-A shortcuts (strided subsampling,
+    channels zero-padded on both sides) have no parameters there nor here.
   The release's WideResNet pools with `avg_pool2d(8)`, which equals our global average only on
   32x32 inputs (the size it was trained at, STL-10 included): feed converted WRNs 32x32 images.
 
@@ -59,6 +76,15 @@ _BN_BUFFERS_IGNORED = "num_batches_tracked"
 _WRAPPER_PREFIX = "model."
 _WRAPPER_HEAD = "classifier."
 _PARALLEL_PREFIX = "module."
+# The SelMix release's top-level entries.
+_RELEASE_ENTRIES = ("train_model", "eval_model", "model", "state_dict")
+# MiSLAS's `.pth.tar` entries (beside 'epoch', 'best_acc1', 'its_ece', which are not read).
+_MISLAS_MODEL = "state_dict_model"
+_MISLAS_CLASSIFIER = "state_dict_classifier"
+_MISLAS_LWS = "state_dict_lws_model"
+_MISLAS_BLOCK = "state_dict_block"
+_MISLAS_ENTRIES = (_MISLAS_MODEL, _MISLAS_CLASSIFIER, _MISLAS_LWS, _MISLAS_BLOCK)
+_MISLAS_SCALE = "learned_norm"
 
 
 def conv_kernel(weight: np.ndarray) -> np.ndarray:
@@ -145,15 +171,38 @@ def _resnet_layers(backbone: models.ResNet) -> list[_Layer]:
   return layers
 
 
+def _cifar_resnet_layers(backbone: models.CifarResNet) -> list[_Layer]:
+  """MiSLAS's (and LDAM-DRW's) `resnet_cifar.py` names, in forward order.
+
+  Their option-A shortcut (`LambdaLayer`: subsample, zero-pad the channels) has no parameters,
+  like ours, so every block is two convolutions and two BatchNorms on both sides.
+  """
+  layers = [
+    _Layer("conv1", ("backbone", "Conv_0"), "conv"),
+    _Layer("bn1", ("backbone", "BatchNorm_0"), "bn"),
+  ]
+  for index in range(len(backbone.widths) * backbone.blocks_per_stage):
+    stage, block = divmod(index, backbone.blocks_per_stage)
+    torch_block = f"layer{stage + 1}.{block}"
+    flax_block = ("backbone", f"_CifarBasicBlock_{index}")
+    for i in range(2):
+      layers.append(_Layer(f"{torch_block}.conv{i + 1}", (*flax_block, f"Conv_{i}"), "conv"))
+      layers.append(_Layer(f"{torch_block}.bn{i + 1}", (*flax_block, f"BatchNorm_{i}"), "bn"))
+  return layers
+
+
 def _layers(model: models.Classifier, model_name: str) -> list[_Layer]:
   if isinstance(model.backbone, models.WideResNet):
     layers = _wrn_layers(model.backbone)
   elif isinstance(model.backbone, models.ResNet):
     layers = _resnet_layers(model.backbone)
+  elif isinstance(model.backbone, models.CifarResNet):
+    layers = _cifar_resnet_layers(model.backbone)
   else:
     raise ValueError(
       f"No PyTorch layout is known for model {model_name!r}; convertible models: "
-      "'wrn28_2' and 'wrn' (the release's WideResNet), 'resnet50' (torchvision/timm)."
+      "'wrn28_2' and 'wrn' (the release's WideResNet), 'resnet50' (torchvision/timm, "
+      "MiSLAS), 'resnet32' and 'resnet20' (MiSLAS/LDAM-DRW CIFAR ResNets)."
     )
   return layers + [_Layer("fc", ("head",), "dense")]
 
@@ -181,12 +230,34 @@ def _is_state_dict(obj: Any, torch) -> bool:
   )
 
 
-def _select_state_dict(ckpt: Any, source: str, where: str, torch) -> tuple[Mapping, str]:
-  """Picks the state dict of `source` out of a checkpoint file's top-level object."""
+def _select_state_dict(
+  ckpt: Any, source: str, where: str, torch
+) -> tuple[Mapping, str, dict[str, str]]:
+  """Picks the state dict of `source` out of a checkpoint file's top-level object.
+
+  Returns:
+    `(state_dict, entry, origins)`: `origins` maps a key of `state_dict` assembled from several
+    entries (the MiSLAS layout) to its key inside its entry, for messages.
+  """
   if _is_state_dict(ckpt, torch):
-    return ckpt, "bare state dict"
+    return ckpt, "bare state dict", {}
   if not isinstance(ckpt, Mapping):
     raise TypeError(f"{where}: expected a dict (a state dict or a checkpoint), got {type(ckpt)}.")
+  found = sorted(map(str, ckpt))
+  mislas = [k for k in _MISLAS_ENTRIES if k in ckpt]
+  if mislas:
+    release = [k for k in _RELEASE_ENTRIES if k in ckpt]
+    if release:
+      raise ValueError(
+        f"{where}: ambiguous layout: MiSLAS entries {mislas} beside the SelMix release's "
+        f"{release} (top-level keys: {found}); save one model per file."
+      )
+    if source != SOURCES[0]:
+      raise ValueError(
+        f"{where}: a MiSLAS checkpoint holds one model; source={source!r} applies to the SelMix "
+        "release's pre-training checkpoints only."
+      )
+    return _mislas_state_dict(ckpt, where, torch)
   if source in ckpt:
     chosen = source
   elif source == "eval_model" and "model" in ckpt:  # the release's fine-tuning checkpoints
@@ -195,13 +266,91 @@ def _select_state_dict(ckpt: Any, source: str, where: str, torch) -> tuple[Mappi
     chosen = "state_dict"
   else:
     raise ValueError(
-      f"{where}: no entry {source!r} (top-level keys: {sorted(map(str, ckpt))}). Expected the "
-      "release's {'train_model', 'eval_model', ...}, {'model', ...}, {'state_dict', ...} or a "
-      "bare state dict."
+      f"{where}: no entry {source!r} (top-level keys: {found}). Expected the "
+      "release's {'train_model', 'eval_model', ...}, {'model', ...}, {'state_dict', ...}, "
+      "MiSLAS's {'state_dict_model', 'state_dict_classifier', ...} or a bare state dict."
     )
   if not _is_state_dict(ckpt[chosen], torch):
     raise ValueError(f"{where}: entry {chosen!r} is not a state dict of tensors.")
-  return ckpt[chosen], f"entry {chosen!r}"
+  return ckpt[chosen], f"entry {chosen!r}", {}
+
+
+def _mislas_state_dict(ckpt: Mapping, where: str, torch) -> tuple[dict, str, dict[str, str]]:
+  """One plain state dict from MiSLAS's backbone, classifier and (stage 2) LWS entries.
+
+  MiSLAS's logits are `learned_norm * fc(backbone(x))` (`learned_norm` [1, K], the learnable
+  weight scaling of stage 2; absent after stage 1). The scale is folded into the head,
+  `fc.weight[k] *= s[k]`, `fc.bias[k] *= s[k]`, so our logits equal theirs.
+  """
+  found = sorted(map(str, ckpt))
+  if _MISLAS_BLOCK in ckpt:
+    raise ValueError(
+      f"{where}: MiSLAS's Places-LT layout (an extra {_MISLAS_BLOCK!r}, a bottleneck after "
+      f"ResNet-152) is not supported (top-level keys: {found})."
+    )
+  for entry in (_MISLAS_MODEL, _MISLAS_CLASSIFIER):
+    if entry not in ckpt:
+      raise ValueError(
+        f"{where}: a MiSLAS checkpoint needs both {_MISLAS_MODEL!r} and "
+        f"{_MISLAS_CLASSIFIER!r}; top-level keys: {found}."
+      )
+  parts = {}
+  for entry in (_MISLAS_MODEL, _MISLAS_CLASSIFIER, _MISLAS_LWS):
+    if entry in ckpt:
+      if not _is_state_dict(ckpt[entry], torch):
+        raise ValueError(f"{where}: entry {entry!r} is not a state dict of tensors.")
+      parts[entry] = {_strip(k, _PARALLEL_PREFIX): k for k in ckpt[entry]}
+  if set(parts[_MISLAS_CLASSIFIER]) != {"fc.weight", "fc.bias"}:
+    raise ValueError(
+      f"{where}: {_MISLAS_CLASSIFIER!r} has keys {sorted(ckpt[_MISLAS_CLASSIFIER])}; expected "
+      "MiSLAS's Classifier, 'fc.weight' and 'fc.bias' (with or without 'module.')."
+    )
+  merged, origins = {}, {}
+  for entry in (_MISLAS_MODEL, _MISLAS_CLASSIFIER):
+    for name, key in parts[entry].items():
+      if name in merged:
+        raise ValueError(
+          f"{where}: {entry}[{key!r}] and {_MISLAS_MODEL}[{origins[name]!r}] both name "
+          f"{name!r}."
+        )
+      merged[name] = ckpt[entry][key]
+      origins[name] = key
+  description = f"MiSLAS {_MISLAS_MODEL} + {_MISLAS_CLASSIFIER}"
+  if _MISLAS_LWS in parts:
+    lws = parts[_MISLAS_LWS]
+    if set(lws) != {_MISLAS_SCALE}:
+      raise ValueError(
+        f"{where}: {_MISLAS_LWS!r} has keys {sorted(ckpt[_MISLAS_LWS])}; expected MiSLAS's "
+        f"LearnableWeightScaling, {_MISLAS_SCALE!r} (with or without 'module.')."
+      )
+    scale = ckpt[_MISLAS_LWS][lws[_MISLAS_SCALE]]
+    weight, bias = merged["fc.weight"], merged["fc.bias"]
+    num_classes = weight.shape[0]
+    if tuple(scale.shape) not in ((1, num_classes), (num_classes,)):
+      raise ValueError(
+        f"{where}: {_MISLAS_LWS}[{lws[_MISLAS_SCALE]!r}] has shape {tuple(scale.shape)}; "
+        f"expected (1, {num_classes}) for the classifier's {num_classes} classes."
+      )
+    scale = scale.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    merged["fc.weight"] = weight.to(device="cpu", dtype=torch.float64) * scale[:, None]
+    merged["fc.bias"] = bias.to(device="cpu", dtype=torch.float64) * scale
+    description += f" + {_MISLAS_LWS} (folded into fc)"
+  return merged, description, origins
+
+
+def _numpy_scalar_globals() -> list[Any]:
+  """What `torch.load(weights_only=True)` needs to rebuild plain NumPy scalars."""
+  core = getattr(np, "_core", None) or np.core  # NumPy 2 renamed numpy.core to numpy._core.
+  scalar = core.multiarray.scalar
+  dtypes = [
+    getattr(np.dtypes, f"{kind}DType")
+    for kind in (
+      "Bool", "Float16", "Float32", "Float64", "Int8", "Int16", "Int32", "Int64",
+      "UInt8", "UInt16", "UInt32", "UInt64",
+    )
+  ]
+  # Files written under NumPy 1.x name the scalar constructor `numpy.core.multiarray.scalar`.
+  return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, *dtypes]
 
 
 def _strip(key: str, prefix: str) -> str:
@@ -265,7 +414,8 @@ def load_torch_state_dict(
   Returns:
     `(state_dict, info)`: `state_dict` maps plain names (see `normalize_keys`) to float32
     arrays, without `num_batches_tracked`; `info` has `where` (file and entry, for messages),
-    `original_keys` (plain name -> key in the file) and `step` (the checkpoint's `it`, or 0).
+    `original_keys` (plain name -> key in the file or its entry), `step` (the checkpoint's `it`,
+    or 0) and `epoch` (MiSLAS's `epoch`, or None).
 
   Raises:
     FileNotFoundError: no such file.
@@ -279,7 +429,9 @@ def load_torch_state_dict(
     raise FileNotFoundError(f"PyTorch checkpoint {path!r} does not exist.")
   torch = _import_torch()
   try:
-    ckpt = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    # NumPy scalars are allowed: MiSLAS stores its ECE ('its_ece') as one.
+    with torch.serialization.safe_globals(_numpy_scalar_globals()):
+      ckpt = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
   except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for bad files.
     hint = (
       ""
@@ -290,7 +442,7 @@ def load_torch_state_dict(
       )
     )
     raise ValueError(f"Could not read PyTorch checkpoint {path!r}: {e}.{hint}") from e
-  raw, entry = _select_state_dict(ckpt, source, path, torch)
+  raw, entry, origins = _select_state_dict(ckpt, source, path, torch)
   where = f"{path} ({entry})"
   arrays = {}
   for key, tensor in raw.items():
@@ -299,10 +451,12 @@ def load_torch_state_dict(
     arrays[key] = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
   names = normalize_keys(arrays, where=where)
   step = ckpt.get("it", 0) if isinstance(ckpt, Mapping) else 0
+  epoch = ckpt.get("epoch") if isinstance(ckpt, Mapping) else None
   info = {
     "where": where,
-    "original_keys": names,
+    "original_keys": {name: origins.get(key, key) for name, key in names.items()},
     "step": int(step) if isinstance(step, int) and step >= 0 else 0,
+    "epoch": epoch if isinstance(epoch, int) else None,  # MiSLAS's epoch count
   }
   return {name: arrays[key] for name, key in names.items()}, info
 
@@ -425,7 +579,8 @@ def from_torch(
 
   Args:
     path: the PyTorch checkpoint.
-    model_name: 'wrn28_2', 'wrn' (with `depth`/`widen_factor` in `model_kwargs`) or 'resnet50'.
+    model_name: 'wrn28_2', 'wrn' (with `depth`/`widen_factor` in `model_kwargs`), 'resnet50',
+      'resnet32' or 'resnet20'.
     num_classes: K of the checkpoint's head.
     source: 'eval_model' (EMA weights; default) or 'train_model' of a pre-training checkpoint.
     trust_pickle: see `load_torch_state_dict`.
@@ -480,8 +635,9 @@ def write_checkpoint(
   manager.wait_until_finished()
   manager.close()
   logging.info(
-    "Converted %s into %s (%s, K = %d, %d parameters) at step %d.",
+    "Converted %s%s into %s (%s, K = %d, %d parameters) at step %d.",
     info["where"],
+    "" if info["epoch"] is None else f" of epoch {info['epoch']}",
     out,
     model_name,
     num_classes,
@@ -496,8 +652,8 @@ def write_checkpoint(
 
 
 def _define_flags() -> None:
-  flags.DEFINE_string("torch_checkpoint", None, "The release's .pth file.")
-  flags.DEFINE_string("model", None, "Our model name: wrn28_2 or resnet50.")
+  flags.DEFINE_string("torch_checkpoint", None, "The release's .pth (or MiSLAS's .pth.tar) file.")
+  flags.DEFINE_string("model", None, "Our model name: wrn28_2, resnet50 or resnet32.")
   flags.DEFINE_integer("num_classes", None, "Number of classes K of the checkpoint.")
   flags.DEFINE_string("out", None, "New Orbax checkpoint directory (init_checkpoint).")
   flags.DEFINE_enum("source", "eval_model", SOURCES, "Which weights of a pre-training checkpoint.")

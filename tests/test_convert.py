@@ -1,8 +1,9 @@
 """Tests for selmix_jax.convert: the release's PyTorch checkpoints -> our Flax models.
 
 The PyTorch models below are written for these tests with the module and parameter names of the
-release (`models/nets/wrn.py`'s `build_WideResNet`; torchvision's/timm's ResNet-50) and are saved
-in the release's checkpoint layout. Their BatchNorm running statistics are those of a random
+release (`models/nets/wrn.py`'s `build_WideResNet`; torchvision's/timm's ResNet-50) and of MiSLAS
+(`models/resnet_cifar.py`'s `resnet32_fe`, `Classifier`, `methods.py`'s `LearnableWeightScaling`),
+and are saved in their checkpoint layouts. Their BatchNorm running statistics are those of a random
 batch, perturbed, so that evaluation mode differs from training mode everywhere.
 """
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch  # The test extra installs it (the [torch] extra); a missing torch is a failure.
+import torch.nn.functional as F
 
 from selmix_jax import checkpointing
 from selmix_jax import convert
@@ -128,6 +130,82 @@ class _TorchResNet50(nn.Module):
     return x.mean(dim=(2, 3))
 
 
+class _CifarBlock(nn.Module):
+  """MiSLAS's `BasicBlock` names; option A: subsample, then planes // 4 zero channels each side."""
+
+  def __init__(self, cin, cout, stride):
+    super().__init__()
+    self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(cout)
+    self.conv2 = nn.Conv2d(cout, cout, 3, stride=1, padding=1, bias=False)
+    self.bn2 = nn.BatchNorm2d(cout)
+    self.shortcut = nn.Sequential()  # parameter-free, as theirs
+    self.option_a = stride != 1 or cin != cout
+
+  def forward(self, x):
+    out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+    if self.option_a:
+      quarter = self.conv1.out_channels // 4
+      x = F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, quarter, quarter))
+    return F.relu(out + x)
+
+
+class _TorchResNet32FE(nn.Module):
+  """MiSLAS's `resnet32_fe()`: the backbone alone, 64 pooled features."""
+
+  def __init__(self):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(16)
+    cin = 16
+    for stage, width in enumerate((16, 32, 64)):
+      blocks = [_CifarBlock(cin if b == 0 else width, width, 2 if stage and not b else 1)
+                for b in range(5)]
+      setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+      cin = width
+
+  def forward(self, x):
+    x = F.relu(self.bn1(self.conv1(x)))
+    x = self.layer3(self.layer2(self.layer1(x)))
+    return F.avg_pool2d(x, x.shape[3]).flatten(1)
+
+
+class _MislasClassifier(nn.Module):
+  def __init__(self, num_classes):
+    super().__init__()
+    self.fc = nn.Linear(64, num_classes)
+
+
+class _MislasLWS(nn.Module):
+  def __init__(self, num_classes):
+    super().__init__()
+    self.learned_norm = nn.Parameter(torch.ones(1, num_classes))
+
+
+class _ScaledHead(nn.Module):
+  """MiSLAS's stage-2 logits: `lws(classifier(features))`."""
+
+  def __init__(self, classifier, lws):
+    super().__init__()
+    self.classifier, self.lws = classifier, lws
+    self.out_features = classifier.fc.out_features
+
+  def forward(self, feats):
+    return self.lws.learned_norm * self.classifier.fc(feats)
+
+
+class _MislasNet(nn.Module):
+  """The three modules MiSLAS keeps apart, as one net for `_check_agreement`."""
+
+  def __init__(self, num_classes):
+    super().__init__()
+    self.model = _TorchResNet32FE()
+    self.fc = _ScaledHead(_MislasClassifier(num_classes), _MislasLWS(num_classes))
+
+  def forward_features(self, x):
+    return self.model(x)
+
+
 class _Wrapper(nn.Module):
   """State-dict layout of the release's TimmModelWrapper: `model.*` plus `classifier.*`."""
 
@@ -152,7 +230,9 @@ def _randomise(net, image_size, seed):
         # Small scales end each bottleneck branch, as in trained ResNets; with scales near 1
         # the 16 blocks add up to features ~12, where float32 rounding alone reaches 1.5e-4.
         m.weight.uniform_(0.1, 0.4)
-    net.fc.bias.normal_(0.0, 0.5)
+    for m in net.modules():
+      if isinstance(m, nn.Linear):
+        m.bias.normal_(0.0, 0.5)
     net.train()
     net.forward_features(torch.randn(8, 3, image_size, image_size))
     for m, momentum in zip(bns, momenta):
@@ -354,8 +434,8 @@ def test_wrong_model_or_classes_or_file(wrn, tmp_path):
     ValueError, match=r"'model.conv1.weight' has shape \(16, 3, 3, 3\), but resnet50"
   ):
     convert.from_torch(path, "resnet50", 10)
-  with pytest.raises(ValueError, match="No PyTorch layout is known for model 'resnet32'"):
-    convert.from_torch(path, "resnet32", 10)
+  with pytest.raises(ValueError, match="No PyTorch layout is known for model 'cnn_small'"):
+    convert.from_torch(path, "cnn_small", 10)
   torch.save({"weights": {}}, tmp_path / "odd.pth")
   with pytest.raises(ValueError, match=r"no entry 'eval_model' \(top-level keys: \['weights'\]\)"):
     convert.from_torch(str(tmp_path / "odd.pth"), "wrn28_2", 10)
@@ -405,3 +485,130 @@ def test_only_the_converter_imports_torch():
           if pattern.search(f.read()):
             offenders.append(name)
   assert not offenders
+
+
+# ------------------------------------------------------------------------------------------
+# MiSLAS checkpoints (the supervised experiments' starting point).
+
+
+def _mislas_save(path, net, *, stage):
+  """Saves `net` as MiSLAS's train_stage{1,2}.py do: DataParallel-wrapped modules (`module.`),
+  a CUDA-free `best_acc1` tensor and a NumPy `its_ece`; stage 2 adds the LWS module."""
+  ckpt = {
+    "epoch": 200 if stage == 1 else 10,
+    "state_dict_model": nn.DataParallel(net.model).state_dict(),
+    "state_dict_classifier": nn.DataParallel(net.fc.classifier).state_dict(),
+    "best_acc1": torch.tensor([82.5]),
+    "its_ece": np.float64(3.66),
+  }
+  if stage == 2:
+    ckpt["state_dict_lws_model"] = nn.DataParallel(net.fc.lws).state_dict()
+  torch.save(ckpt, path)
+  return ckpt
+
+
+@pytest.fixture(scope="module")
+def mislas(tmp_path_factory):
+  net = _randomise(_MislasNet(10), 32, seed=5)
+  with torch.no_grad():
+    net.fc.lws.learned_norm.uniform_(0.5, 2.0)  # their stage 2 learns scales around 1
+  folder = tmp_path_factory.mktemp("mislas")
+  paths = {stage: str(folder / f"stage{stage}_model_best.pth.tar") for stage in (1, 2)}
+  for stage, path in paths.items():
+    _mislas_save(path, net, stage=stage)
+  return net, paths
+
+
+def test_mislas_resnet32_matches_their_logits(mislas):
+  net, paths = mislas
+  x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+  diffs = _check_agreement(net, paths[2], "resnet32", x)
+  print("MiSLAS stage 2 -> resnet32, max abs (feature, logit) differences:", diffs)
+
+
+def test_mislas_lws_folds_into_the_head(mislas):
+  net, paths = mislas
+  stage1 = convert.from_torch(paths[1], "resnet32", 10)
+  stage2 = convert.from_torch(paths[2], "resnet32", 10)
+  w = net.fc.classifier.fc.weight.detach().numpy()  # [K, D]
+  b = net.fc.classifier.fc.bias.detach().numpy()
+  s = net.fc.lws.learned_norm.detach().numpy()[0]  # [K]
+  np.testing.assert_array_equal(stage1["params"]["head"]["kernel"], w.T)
+  np.testing.assert_array_equal(stage1["params"]["head"]["bias"], b)
+  np.testing.assert_allclose(stage2["params"]["head"]["kernel"], w.T * s, rtol=1e-6)
+  np.testing.assert_allclose(stage2["params"]["head"]["bias"], b * s, rtol=1e-6)
+  for collection in ("batch_stats", "params"):
+    assert _same(stage1[collection]["backbone"], stage2[collection]["backbone"])
+  block = stage1["params"]["backbone"]["_CifarBasicBlock_5"]  # layer2.0: 16 -> 32, stride 2
+  np.testing.assert_array_equal(
+    block["Conv_0"]["kernel"],
+    net.model.layer2[0].conv1.weight.detach().numpy().transpose(2, 3, 1, 0),
+  )
+
+
+def _mislas_edit(path, edit):
+  ckpt = torch.load(path, weights_only=False)
+  edit(ckpt)
+  return ckpt
+
+
+@pytest.mark.parametrize(
+  "edit,message",
+  [
+    (
+      lambda c: c.pop("state_dict_classifier"),
+      r"needs both 'state_dict_model' and 'state_dict_classifier'; top-level keys: \['best_acc1',",
+    ),
+    (
+      lambda c: c.update(eval_model=c["state_dict_model"]),
+      r"ambiguous layout: MiSLAS entries .* beside the SelMix release's \['eval_model'\]",
+    ),
+    (
+      lambda c: c.update(state_dict_block={"module.conv1.weight": torch.zeros(1)}),
+      "Places-LT layout .* not supported",
+    ),
+    (
+      lambda c: c.update(state_dict_classifier={"module.weight": torch.zeros(64, 10)}),
+      r"'state_dict_classifier' has keys \['module.weight'\]; expected MiSLAS's Classifier",
+    ),
+    (
+      lambda c: c.update(state_dict_lws_model={"module.learned_norm": torch.ones(1, 7)}),
+      r"state_dict_lws_model\['module.learned_norm'\] has shape \(1, 7\); expected \(1, 10\)",
+    ),
+    (
+      lambda c: c["state_dict_model"].pop("module.layer3.4.bn2.running_mean"),
+      "missing key 'layer3.4.bn2.running_mean'",
+    ),
+    (
+      lambda c: c["state_dict_model"].update({"module.fc.bias": torch.zeros(10)}),
+      r"state_dict_classifier\['module.fc.bias'\] and state_dict_model\['module.fc.bias'\] both",
+    ),
+  ],
+  ids=["no_classifier", "ambiguous", "places", "classifier_keys", "lws_shape", "missing", "twice"],
+)
+def test_mislas_bad_files_fail_naming_file_and_keys(mislas, tmp_path, edit, message):
+  _, paths = mislas
+  path = str(tmp_path / "bad.pth.tar")
+  torch.save(_mislas_edit(paths[2], edit), path)
+  with pytest.raises(ValueError, match=message) as info:
+    convert.from_torch(path, "resnet32", 10)
+  assert path in str(info.value)
+
+
+def test_mislas_wrong_model_or_source(mislas):
+  _, paths = mislas
+  shape = r"key 'module.fc.weight' has shape \(10, 64\).* \(100, 64\)"
+  with pytest.raises(ValueError, match=shape):
+    convert.from_torch(paths[2], "resnet32", 100)
+  with pytest.raises(ValueError, match=r"unexpected key 'module.layer1.3.* resnet20 has no"):
+    convert.from_torch(paths[2], "resnet20", 10)  # 3 blocks a stage, not 5
+  with pytest.raises(ValueError, match="holds one model; source='train_model'"):
+    convert.from_torch(paths[2], "resnet32", 10, source="train_model")
+
+
+def test_mislas_checkpoint_is_what_finetuning_loads(mislas, tmp_path):
+  _, paths = mislas
+  out = convert.write_checkpoint(paths[2], "resnet32", 10, str(tmp_path / "converted"))
+  tree, step = checkpointing.load_pretrained(out)
+  assert step == 0  # MiSLAS counts epochs, not steps: nothing to resume
+  assert _same(tree["state"], convert.from_torch(paths[2], "resnet32", 10))
