@@ -63,12 +63,9 @@ def _batches(batch, num, seed=0):
   return out
 
 
-def bench_model(name, *, batch, num_steps, warmup):
-  model = models.get(name, num_classes=10)
-  device = jax.devices()[:1]
-  preprocess = augment.make_preprocess("weak", mean=CIFAR_MEAN, std=CIFAR_STD)
-  init_params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
-  variants = {
+def variants(init_params, preprocess, only=None):
+  """{label: (step body, optimiser, batch kind, images per example)} of the steps timed here."""
+  out = {
       "supervised": (
           functools.partial(steps.supervised_step, preprocess_fn=preprocess),
           optim.make_pretrain_optimizer(learning_rate=0.03),
@@ -88,10 +85,29 @@ def bench_model(name, *, batch, num_steps, warmup):
           2,
       ),
   }
+  return {label: v for label, v in out.items() if only is None or label in only}
+
+
+def bench_model(
+    name, *, batch, num_steps, warmup, only=None, pipelined=False, **model_kwargs
+):
+  """Times the `variants` of model `name` (`models.get(name, num_classes=10, **model_kwargs)`).
+
+  Returns:
+    One row per variant: {'model', 'step', 'ms' (median of per-step times, synced after each
+    step), 'examples_s', 'images_s', 'compile_s'}, plus 'pipelined_ms' (`num_steps` steps
+    dispatched back to back, one sync at the end, per step) if `pipelined`. Every step gets
+    its own host batch.
+  """
+  model = models.get(name, num_classes=10, **model_kwargs)
+  device = jax.devices()[:1]
+  preprocess = augment.make_preprocess("weak", mean=CIFAR_MEAN, std=CIFAR_STD)
+  init_params = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
+  timed = variants(init_params, preprocess, only)
   data = _batches(batch, num_steps + warmup)
   key = jax.random.key(1)
   runners, states, compile_s = {}, {}, {}
-  for label, (body, tx, kind, _) in variants.items():
+  for label, (body, tx, kind, _) in timed.items():
     p_step = jax.pmap(
         body, axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,), devices=device
     )
@@ -103,7 +119,7 @@ def bench_model(name, *, batch, num_steps, warmup):
     jax.block_until_ready((state, metrics))
     compile_s[label] = time.perf_counter() - t0
     runners[label], states[label] = (p_step, kind), state
-  times = {label: [] for label in variants}
+  times = {label: [] for label in timed}
   for i in range(num_steps + warmup):
     for label, (p_step, kind) in runners.items():
       t0 = time.perf_counter()
@@ -111,8 +127,16 @@ def bench_model(name, *, batch, num_steps, warmup):
       jax.block_until_ready((states[label], metrics))
       if i >= warmup:
         times[label].append(time.perf_counter() - t0)
+  pipelined_s = {}
+  if pipelined:
+    for label, (p_step, kind) in runners.items():
+      t0 = time.perf_counter()
+      for i in range(warmup, num_steps + warmup):
+        states[label], metrics = p_step(states[label], data[i][kind], key)
+      jax.block_until_ready((states[label], metrics))
+      pipelined_s[label] = (time.perf_counter() - t0) / num_steps
   rows = []
-  for label, (_, _, _, images_per_example) in variants.items():
+  for label, (_, _, _, images_per_example) in timed.items():
     t = statistics.median(times[label])
     rows.append(
         {
@@ -124,14 +148,17 @@ def bench_model(name, *, batch, num_steps, warmup):
             "compile_s": compile_s[label],
         }
     )
+    if pipelined:
+      rows[-1]["pipelined_ms"] = 1e3 * pipelined_s[label]
   return rows
 
 
-def bench_refresh(name, *, val_size, eval_batch):
+def bench_refresh(name, *, val_size, eval_batch, **model_kwargs):
   """Seconds of one validation pass over `val_size` random 32x32 images (compiled, warm)."""
-  model = models.get(name, num_classes=10)
+  model = models.get(name, num_classes=10, **model_kwargs)
   variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False)
-  variables = train_state.replicate(dict(variables), devices=jax.devices()[:1])
+  # `evaluation.evaluate` splits every batch over all local devices.
+  variables = train_state.replicate(dict(variables), devices=jax.local_devices())
   rng = np.random.default_rng(0)
   source = sources.ArraySource(
       images=rng.integers(0, 256, (val_size, 32, 32, 3), dtype=np.uint8),
