@@ -15,8 +15,9 @@ every step (moved to the device inside the timed step), in one run:
   batch, `cross_entropy(logits / T)`, backward, optimizer and scheduler steps, zero_grad),
   with BatchNorm set up as `trainMetricOpt.py` does (momentum 0, `track_running_stats=False`).
   Variants: eager float32 (as released), `torch.compile` of the wrapper (CUDA only: it traces
-  their `Tensor.cuda()` call), eager under bfloat16 `torch.autocast`. Their host batches are float32 NCHW tensors, already augmented (their data
-  loader's work, not timed); ours are uint8 and augmented in the step.
+  their `Tensor.cuda()` call), eager under bfloat16 `torch.autocast`. Their host batches are
+  float32 NCHW tensors, already augmented (their data loader's work, not timed); ours are uint8
+  and augmented in the step.
 
 Columns: "synced" is the median of per-step times with a device sync after every step;
 "pipelined" is `--steps` steps dispatched back to back with one sync at the end, per step;
@@ -26,8 +27,9 @@ Columns: "synced" is the median of per-step times with a device sync after every
 
 Import-time dependencies of the release that the timed code never calls (`timm` in
 `models/wrapper.py`; `wandb`, tensorboard, matplotlib and seaborn in `train_utils.py`) are
-replaced by empty stand-ins when they are not installed; the run says which. On a machine without CUDA (the smoke
-size) `Tensor.cuda()`, which their wrapper calls on the mix weights, returns the tensor as is.
+replaced by empty stand-ins when they are not installed; the run says which. On a machine
+without CUDA (the smoke size) `Tensor.cuda()`, which their wrapper calls on the mix weights,
+returns the tensor as is.
 
 Extract the release into the repo's ignored `.release/` (once; `git` of a fetched snapshot):
 
