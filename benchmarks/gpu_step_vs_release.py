@@ -13,7 +13,10 @@ every step (moved to the device inside the timed step), in one run:
   `get_finetune_SGD` (backbone lr/10, BatchNorm frozen, weight decay 5e-4) with the cosine
   schedule, and the body of `finetuning/selmix_ssl.py`'s training loop (`.cuda()` of the host
   batch, `cross_entropy(logits / T)`, backward, optimizer and scheduler steps, zero_grad),
-  with BatchNorm set up as `trainMetricOpt.py` does (momentum 0, `track_running_stats=False`).
+  with BatchNorm and cuDNN set up as `trainMetricOpt.py` does (momentum 0,
+  `track_running_stats=False`; `cudnn.deterministic` and `cudnn.benchmark`). Their script wraps
+  the model in `DataParallel` when `gpu` is null; that wrapper has no `pre_logits`, which their
+  refresh calls, so their runs must have set a GPU: the model is not wrapped here.
   Variants: eager float32 (as released), `torch.compile` of the wrapper (CUDA only: it traces
   their `Tensor.cuda()` call), eager under bfloat16 `torch.autocast`. Their host batches are
   float32 NCHW tensors, already augmented (their data loader's work, not timed); ours are uint8
@@ -21,9 +24,10 @@ every step (moved to the device inside the timed step), in one run:
 
 Columns: "synced" is the median of per-step times with a device sync after every step;
 "pipelined" is `--steps` steps dispatched back to back with one sync at the end, per step;
-"first call" is the first step (compilation included). After the table: our validation pass
-(`step_bench.bench_refresh`, the bulk of a refresh at K = 10) and, where
-`benchmarks/loop_bench.py` exists, its loop figures.
+"first call" is the first step (compilation included). Rows print as they are measured, our
+float32 and their as-released step first. After the table: our validation pass
+(`step_bench.bench_refresh`, the bulk of a refresh at K = 10). The loop's overhead is
+`benchmarks/loop_bench.py`'s (where it exists; `device_session.sh benches` runs both).
 
 Import-time dependencies of the release that the timed code never calls (`timm` in
 `models/wrapper.py`; `wandb`, tensorboard, matplotlib and seaborn in `train_utils.py`) are
@@ -241,8 +245,8 @@ def build_release_step(release, variant, *, depth, widen_factor, device, num_cla
       module.momentum = h["bn_momentum"]
       module.track_running_stats = False
   model.to(device).train()
-  optimizer = release.train_utils.get_finetune_SGD(
-      model.model, "SGD", lr=h["lr"], weight_decay=h["weight_decay"], freeze_backbone=False
+  optimizer = release.train_utils.get_finetune_SGD(  # on the wrapper, as theirs
+      model, "SGD", lr=h["lr"], weight_decay=h["weight_decay"], freeze_backbone=False
   )
   scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
       optimizer, h["num_train_iter"], eta_min=0
@@ -273,6 +277,9 @@ def time_release(release, variants, *, depth, widen_factor, batch, num_steps, wa
   import torch  # pylint: disable=g-import-not-at-top
 
   device = torch.device(device)
+  # trainMetricOpt.py sets both (deterministic first, benchmark once the model is on the GPU).
+  torch.backends.cudnn.deterministic = True
+  torch.backends.cudnn.benchmark = True
   sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
   generator = torch.Generator().manual_seed(0)
   batches = [
@@ -319,23 +326,6 @@ def time_release(release, variants, *, depth, widen_factor, batch, num_steps, wa
 
 
 # ------------------------------------------------------------------------------------------
-# Loop figures, where benchmarks/loop_bench.py exists.
-
-
-def loop_figures(args):
-  """Lines from benchmarks/loop_bench.py's `summary(smoke=...)`, if that script has one."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "loop_bench.py")
-  if not os.path.isfile(path):
-    return ["loop overhead: skipped (no benchmarks/loop_bench.py)"]
-  spec = importlib.util.spec_from_file_location("loop_bench", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "summary"):
-    return ["loop overhead: skipped (benchmarks/loop_bench.py has no summary())"]
-  return list(module.summary(smoke=args.smoke))
-
-
-# ------------------------------------------------------------------------------------------
 
 
 def _parser():
@@ -351,7 +341,7 @@ def _parser():
   parser.add_argument("--torch_device", default=None, help="default: cuda if available")
   parser.add_argument("--val_size", type=int, default=10_000)
   parser.add_argument("--eval_batch", type=int, default=500)
-  parser.add_argument("--no_loop", action="store_true", help="skip the refresh/loop figures")
+  parser.add_argument("--no_refresh", action="store_true", help="skip the validation pass")
   parser.add_argument(
       "--smoke", action="store_true", help="WRN-10-1, 4 pairs, 3 steps, eager and bf16 only"
   )
@@ -393,36 +383,48 @@ def main(argv=None):
       f"{args.steps} steps after {args.warmup} warm-up; jax {jax.__version__} on "
       f"{jax.devices()[0].device_kind}"
   )
-  rows = time_ours(
-      depth=args.depth,
-      widen_factor=args.widen_factor,
-      batch=args.batch,
-      num_steps=args.steps,
-      warmup=args.warmup,
-      dtypes=dtypes,
-  )
-  if release is not None:
-    rows += time_release(
-        release,
-        variants,
-        depth=args.depth,
-        widen_factor=args.widen_factor,
-        batch=args.batch,
-        num_steps=args.steps,
-        warmup=args.warmup,
-        device=device,
-    )
+  for note in notes:
+    print(note)
   print()
   print("| step | synced ms (median) | pipelined ms | first call s |")
   print("|---|---:|---:|---:|")
-  for r in rows:
-    print(
-        f"| {r['step']} | {r['synced_ms']:.2f} | {r['pipelined_ms']:.2f} | {r['first_s']:.1f} |"
-    )
+  # Rows print as they are measured, the comparisons that matter most first, so that a run cut
+  # short by a time limit still shows them.
+  plan = [("ours", "f32"), ("theirs", "eager"), ("ours", "bf16"), ("theirs", "bf16")]
+  plan += [("theirs", "compile")]
+  rows = []
+  for side, what in plan:
+    if side == "ours" and what in dtypes:
+      new_rows = time_ours(
+          depth=args.depth,
+          widen_factor=args.widen_factor,
+          batch=args.batch,
+          num_steps=args.steps,
+          warmup=args.warmup,
+          dtypes=(what,),
+      )
+    elif side == "theirs" and release is not None and what in variants:
+      new_rows = time_release(
+          release,
+          [what],
+          depth=args.depth,
+          widen_factor=args.widen_factor,
+          batch=args.batch,
+          num_steps=args.steps,
+          warmup=args.warmup,
+          device=device,
+      )
+    else:
+      continue
+    for r in new_rows:
+      print(
+          f"| {r['step']} | {r['synced_ms']:.2f} | {r['pipelined_ms']:.2f} "
+          f"| {r['first_s']:.1f} |",
+          flush=True,
+      )
+    rows += new_rows
   print()
-  for note in notes:
-    print(note)
-  if not args.no_loop:
+  if not args.no_refresh:
     seconds = step_bench.bench_refresh(
         "wrn",
         val_size=args.val_size,
@@ -434,8 +436,6 @@ def main(argv=None):
         f"ours, validation pass of a refresh ({args.val_size} images, batch "
         f"{args.eval_batch}): {1e3 * seconds:.1f} ms"
     )
-    for line in loop_figures(args):
-      print(line)
   assert all(math.isfinite(r[k]) for r in rows for k in ("synced_ms", "pipelined_ms"))
   return rows
 
