@@ -612,3 +612,18 @@ def test_mislas_checkpoint_is_what_finetuning_loads(mislas, tmp_path):
   tree, step = checkpointing.load_pretrained(out)
   assert step == 0  # MiSLAS counts epochs, not steps: nothing to resume
   assert _same(tree["state"], convert.from_torch(paths[2], "resnet32", 10))
+
+
+def test_mislas_file_of_their_era_loads_safely(mislas, tmp_path):
+  # MiSLAS ran torch 1.2 (before the zip format) and NumPy 1.x, whose pickles name the scalar
+  # constructor of `its_ece` numpy.core.multiarray.scalar (NumPy 2: numpy._core...).
+  _, paths = mislas
+  path = tmp_path / "legacy.pth.tar"
+  ckpt = torch.load(paths[2], weights_only=False)
+  torch.save(ckpt, path, _use_new_zipfile_serialization=False)
+  name = b"numpy.core.multiarray\nscalar"
+  old = path.read_bytes().replace(b"numpy._core.multiarray\nscalar", name)
+  assert name in old
+  path.write_bytes(old)
+  expected = convert.from_torch(paths[2], "resnet32", 10)
+  assert _same(convert.from_torch(str(path), "resnet32", 10), expected)
