@@ -24,11 +24,21 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from selmix_jax import errors
+
 PyTree = Any
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UserError, ValueError):
   """A checkpoint does not fit the model/config of this run (names the entry and shapes)."""
+
+
+class CheckpointNotFoundError(errors.UserError, FileNotFoundError):
+  """No checkpoint directory, or no finished checkpoint in it."""
+
+
+class NonFiniteCheckpointError(errors.UserError, ValueError):
+  """A checkpoint to start from holds NaN or inf (names the array)."""
 
 
 def make_manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -77,13 +87,13 @@ def restore(manager: ocp.CheckpointManager, template: PyTree, step: int | None =
   """Restores `step` (default: latest) into the structure of `template`.
 
   Raises:
-    FileNotFoundError: there is no finished checkpoint.
+    CheckpointNotFoundError: (a FileNotFoundError) there is no finished checkpoint.
     CheckpointMismatchError: the checkpoint does not match `template` (names the first
       mismatching entry).
   """
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"No finished checkpoint in {manager.directory}.")
+    raise CheckpointNotFoundError(f"No finished checkpoint in {manager.directory}.")
   template = _to_numpy(template)
   stored = manager.item_metadata(step)
   _check_compatible(stored, _drop_empty(template), where=f"{manager.directory}/{step}")
@@ -195,10 +205,11 @@ def load_pretrained(directory: str) -> tuple[PyTree, int]:
     `(tree, step)`; check it against the model with `check_compatible`.
 
   Raises:
-    FileNotFoundError: no such directory, or no finished checkpoint in it.
+    CheckpointNotFoundError: (a FileNotFoundError) no such directory, or no finished
+      checkpoint in it.
   """
   if not os.path.isdir(directory):
-    raise FileNotFoundError(
+    raise CheckpointNotFoundError(
         f"Pre-training checkpoint directory {directory!r} does not exist: set "
         "config.selmix.init_checkpoint to the `checkpoints` folder of a finished pre-training run."
     )
@@ -206,7 +217,9 @@ def load_pretrained(directory: str) -> tuple[PyTree, int]:
   step = manager.latest_step()
   if step is None:
     manager.close()
-    raise FileNotFoundError(f"No finished checkpoint in {directory!r} (is pre-training done?).")
+    raise CheckpointNotFoundError(
+        f"No finished checkpoint in {directory!r} (is pre-training done?)."
+    )
   restored = manager.restore(step, args=ocp.args.StandardRestore())
   manager.close()
   logging.info("Loaded checkpoint %s at step %d.", directory, step)

@@ -312,14 +312,15 @@ def _pretrained_state(config, model, ds, schedule) -> tuple[train_state.TrainSta
   """The TrainState to fine-tune: pre-trained weights (EMA when kept), the SelMix optimiser.
 
   Raises:
-    ValueError: the checkpoint's weights hold NaN or inf (a diverged pre-training).
+    checkpointing.NonFiniteCheckpointError: (a ValueError) the checkpoint's weights hold NaN or
+      inf (a diverged pre-training).
   """
   cfg = config.selmix
   stored, pre_step = checkpointing.load_pretrained(cfg.init_checkpoint)
   variables, which = train_state.pretrained_variables(stored, use_ema=cfg.use_ema)
   bad = checkpointing.non_finite_entries(variables)
   if bad:
-    raise ValueError(
+    raise checkpointing.NonFiniteCheckpointError(
         f"config.selmix.init_checkpoint={cfg.init_checkpoint!r}: the {which} weights of step "
         f"{pre_step} hold NaN or inf in {len(bad)} array(s), e.g. {bad[0]!r}: that "
         "pre-training diverged. Fine-tune from a finite checkpoint."

@@ -32,6 +32,9 @@ Edge-case policy:
   the matrix is valid and 0 (finite) where it is not. Host code that reports numbers
   should call `check_counts(confusion, where=...)` first, which raises a `ValueError`
   naming the first bad cell.
+* **Wrong shape**: a matrix that is not `[..., K, K]` with K >= 1 (1-D, non-square, empty)
+  raises a `ValueError` naming the shape, at the call; under `jit` when the function is traced
+  (shapes are static), so before anything runs.
 
 The head mask defaults to the first `int(0.9 K)` classes (datasets are ordered from
 most to least frequent); any boolean `[K]` mask may be passed.
@@ -114,8 +117,28 @@ def zero_if_invalid(confusion: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.where(valid[..., None, None], confusion, 0.0), valid
 
 
+def check_shape(confusion, *, where: str = "confusion") -> tuple[int, ...]:
+  """Raises a `ValueError` unless `confusion` has shape `[..., K, K]` with K >= 1.
+
+  Works on concrete arrays and on tracers alike (shapes are static under `jit`), so a metric
+  of a wrongly shaped matrix fails at the call (or at trace time) with the shape, not deep
+  inside `jax.numpy`.
+
+  Returns:
+    The shape.
+  """
+  shape = tuple(np.shape(confusion))
+  if len(shape) < 2 or shape[-1] != shape[-2] or shape[-1] < 1:
+    raise ValueError(
+      f"{where}: a confusion matrix must have shape [..., K, K] with K >= 1 (rows = true "
+      f"class), got shape {shape}."
+    )
+  return shape
+
+
 def _checked(fn, confusion, **kwargs):
-  """`fn(confusion, **kwargs)` under the validity rule (module docstring)."""
+  """`fn(confusion, **kwargs)` under the shape check and the validity rule (module docstring)."""
+  check_shape(confusion)
   confusion, valid = zero_if_invalid(confusion)
   return mask_invalid(fn(confusion, **kwargs), valid)
 
@@ -132,12 +155,11 @@ def check_counts(confusion, *, where: str) -> np.ndarray:
     The matrix as a NumPy array, unchanged.
 
   Raises:
-    ValueError: not a `[..., K, K]` matrix, or an entry is negative, NaN or infinite;
+    ValueError: not a `[..., K, K]` matrix with K >= 1, or an entry is negative, NaN or infinite;
       the message names `where`, the first bad cell and its value.
   """
   confusion = np.asarray(confusion)
-  if confusion.ndim < 2 or confusion.shape[-1] != confusion.shape[-2]:
-    raise ValueError(f"{where}: a confusion matrix must be [..., K, K], got {confusion.shape}.")
+  check_shape(confusion, where=where)
   values = confusion.astype(np.float64)
   bad = ~(np.isfinite(values) & (values >= 0))
   if bad.any():
@@ -399,5 +421,8 @@ def summary(confusion: jax.Array, *, head_mask=None) -> dict[str, jax.Array]:
     `num_absent_classes` (int32), and `[..., K]` arrays `recall` (NaN for absent
     classes), `precision` and `coverage`. For an invalid matrix (module docstring) every
     float entry is NaN and `num_absent_classes` is -1.
+
+  Raises:
+    ValueError: `confusion` is not `[..., K, K]` with K >= 1 (at the call, or when traced).
   """
   return _checked(_summary, confusion, head_mask=head_mask)

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from selmix_jax import data
+from selmix_jax import errors
 from selmix_jax import finetune
 from selmix_jax import gains
 from selmix_jax import models
@@ -38,9 +39,11 @@ from selmix_jax.data import pipeline
 MODES = ("pretrain", "selmix", "pretrain_and_selmix")
 
 
-class ConfigError(Exception):
+class ConfigError(errors.UserError):
   """A config value the run cannot use, found by `validate` before any compute; the message
   names the field (`config.selmix.temperature=0.0: must be > 0`)."""
+
+  prefix = "Invalid config: "
 
 
 class ConfigValueError(ConfigError, ValueError):
@@ -277,7 +280,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
       jax.local_devices(),
   )
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.create(workdir)
   config_dict = config.to_dict()
   with workdir_lib.lock(workdir):
     done = workdir_lib.finished(workdir, config_dict)
@@ -294,7 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     head_mask = config.objective.hparams.head_mask
     if head_mask is not None and len(head_mask) != datasets.num_classes:
-      raise ValueError(
+      raise ConfigValueError(
           f"config.objective.hparams.head_mask has {len(head_mask)} entries; the data set has "
           f"{datasets.num_classes} classes ({', '.join(datasets.class_names[:5])}, ...)."
       )

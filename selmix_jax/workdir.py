@@ -1,5 +1,6 @@
 """What a workdir knows about the runs in it: who holds it, and whether its run has finished.
 
+- `create(workdir)`: makes the workdir, or says why it cannot be used (a file, not writable).
 - `lock(workdir)`: one run per workdir. A second run on it fails at once, naming the PID and
   host that hold it; a lock left by a dead process on this host (a killed run) is taken over with
   a warning. In a multi-process run, process 0 holds the lock for all of them.
@@ -22,6 +23,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from selmix_jax import errors
 from selmix_jax import reporting
 
 LOCK_FILE = ".lock"
@@ -29,8 +31,55 @@ DONE_FILE = "run.json"
 WALL_TIME_FILE = "wall_time.json"
 
 
-class WorkdirInUseError(RuntimeError):
+class WorkdirError(errors.UserError):
+  """The workdir cannot be used: a file, not writable, in use, or holding another config's run."""
+
+
+class WorkdirInUseError(WorkdirError, RuntimeError):
   """Another live run holds the workdir."""
+
+
+class WorkdirMismatchError(WorkdirError, ValueError):
+  """The workdir holds a finished run of another config."""
+
+
+def create(workdir: str) -> None:
+  """Makes `workdir` (and its parents) if needed.
+
+  Raises:
+    WorkdirError: `workdir` (or a folder above it) is a file, or it cannot be created or
+      written by this user; the message says which.
+  """
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(
+        f"Workdir {workdir} is a file, not a directory: use another --workdir (a directory, "
+        "or a path that does not exist yet)."
+    )
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except (FileExistsError, NotADirectoryError) as e:
+    raise WorkdirError(
+        f"Workdir {workdir} cannot be created: {_first_file_above(workdir)} is a file, not a "
+        "directory. Use another --workdir."
+    ) from e
+  except OSError as e:
+    raise WorkdirError(
+        f"Workdir {workdir} cannot be created ({e.strerror}: {e.filename}): use a --workdir "
+        f"this user (uid {os.getuid()}) can write."
+    ) from e
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise WorkdirError(
+        f"Workdir {workdir} is not writable by this user (uid {os.getuid()}): make it "
+        "writable, or use another --workdir."
+    )
+
+
+def _first_file_above(path: str) -> str:
+  """The nearest existing folder above (or at) `path` that is not a directory."""
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path
 
 
 @contextlib.contextmanager
@@ -139,8 +188,8 @@ def finished(workdir: str, config_dict: dict[str, Any]) -> dict[str, Any] | None
   """The stored `{'config', 'result', 'text'}` of a finished run of this config, else None.
 
   Raises:
-    ValueError: the workdir holds a finished run of another config (names the first field
-      that differs).
+    WorkdirMismatchError: (a ValueError) the workdir holds a finished run of another config
+      (names the first field that differs).
   """
   stored = _read(os.path.join(workdir, DONE_FILE))
   if stored is None:
@@ -149,7 +198,7 @@ def finished(workdir: str, config_dict: dict[str, Any]) -> dict[str, Any] | None
   difference = _first_difference(stored.get("config"), now, "config")
   if difference is not None:
     field, there, here = difference
-    raise ValueError(
+    raise WorkdirMismatchError(
         f"Workdir {workdir} holds a finished run of another config: {field} is {there!r} there "
         f"and {here!r} here. Use another --workdir (or remove {workdir}/{DONE_FILE} to run in "
         "this one again)."

@@ -29,6 +29,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from selmix_jax import confusion
+from selmix_jax import errors
 from selmix_jax.data import datasets, sources, splits
 
 Batch = dict[str, np.ndarray]
@@ -458,22 +460,20 @@ def _load_like(config: ml_collections.ConfigDict, field: str, train: Source, *, 
 
   A class with no examples there is logged as a warning (its recall is undefined there and
   left out of the metrics); class names that differ from the training split's, or labels
-  outside its classes, are a ValueError: they would make every count of that split wrong.
+  outside its classes (`confusion.check_labels`; -1 allowed in an unlabeled pool), are an
+  `errors.DataError`: they would make every count of that split wrong.
   """
   split = config[field]
   source = _load(config, split)
   where = f"config.data.{field}={split!r} of {config.name}"
   if tuple(source.class_names) != tuple(train.class_names):
-    raise ValueError(
+    raise errors.DataError(
       f"{where} has classes {tuple(source.class_names)}, but the training split "
       f"{config.train_split!r} has {tuple(train.class_names)}: its labels would mean other "
       "classes. A data set's loader must label every split with the training split's classes."
     )
   labels = source.labels
-  if len(labels) and labels.max() >= train.num_classes:
-    raise ValueError(
-      f"{where} has label {labels.max()}, but the training split has {train.num_classes} classes."
-    )
+  _check_labels(labels, train.num_classes, where, unlabeled_ok=not labeled)
   if labeled:
     counts = np.bincount(labels[labels >= 0], minlength=train.num_classes)
     for k in np.flatnonzero(counts == 0):
@@ -482,6 +482,39 @@ def _load_like(config: ml_collections.ConfigDict, field: str, train: Source, *, 
         "undefined and left out of the recall metrics.", where, train.class_names[k], k,
       )
   return source
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: str, *, unlabeled_ok: bool):
+  """`confusion.check_labels` as a `DataError`; -1 ("no label") allowed where `unlabeled_ok`."""
+  try:
+    confusion.check_labels(
+      labels, num_classes, where=where, mask=(labels != -1) if unlabeled_ok else None
+    )
+  except ValueError as e:
+    raise errors.DataError(str(e)) from e
+
+
+def _check_class_sizes(config, train: Source, available, held_out, labeled, unlabeled) -> None:
+  """A `DataError` naming the config fields when a class has fewer examples than requested."""
+  unlabeled = np.zeros_like(labeled) if unlabeled is None else unlabeled
+  requested = held_out + labeled + unlabeled
+  short = np.flatnonzero(requested > available)
+  if not short.size:
+    return
+  k = int(short[0])
+  if config.labeled_max is not None and labeled[k] > 0:
+    field = f"config.data.labeled_max={config.labeled_max}"
+  elif unlabeled[k] > 0:
+    field = f"config.data.unlabeled_max={config.unlabeled_max}"
+  else:
+    field = f"config.data.val_per_class={config.val_per_class}"
+  raise errors.DataError(
+    f"{field}: class {train.class_names[k]!r} (id {k}) of the training split "
+    f"{config.train_split!r} of {config.name} has {available[k]} examples, fewer than the "
+    f"{requested[k]} requested ({held_out} validation + {labeled[k]} labeled + {unlabeled[k]} "
+    f"unlabeled; {len(short)} class(es) short). Lower {field.split('=')[0]}, or use a data "
+    "set with more examples of that class."
+  )
 
 
 def _balanced_val(labels: np.ndarray, num_classes: int, per_class: int, seed: int) -> np.ndarray:
@@ -556,14 +589,20 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
 
   Raises:
     KeyError: unknown config field.
-    ValueError: unknown data set, a class with fewer examples than requested, or a split
-      whose classes are not the training split's (names, labels >= K).
+    ValueError: unknown data set.
+    errors.DataError: (a ValueError) a class with fewer examples than requested (names the
+      field), a split whose classes are not the training split's (names, labels outside
+      [0, K)), or the loader's own (an empty folder, an unreadable image, ...).
   """
   config = _resolve(config)
   train = _load(config, config.train_split)
-  test = _load_like(config, "test_split", train)
   num_classes = train.num_classes
   labels = train.labels
+  _check_labels(
+    labels, num_classes, f"config.data.train_split={config.train_split!r} of {config.name}",
+    unlabeled_ok=True,
+  )
+  test = _load_like(config, "test_split", train)
   available = np.bincount(labels[labels >= 0], minlength=num_classes)
 
   val_from_train = config.val_split == config.train_split
@@ -582,6 +621,7 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
     unlabeled_counts = splits.unlabeled_counts(
       config.unlabeled_max, config.unlabeled_imbalance, num_classes
     )
+  _check_class_sizes(config, train, available, held_out, labeled_counts, unlabeled_counts)
   drawn = splits.split_indices(
     labels,
     val_per_class=held_out,

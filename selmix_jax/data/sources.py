@@ -42,6 +42,8 @@ import numpy as np
 import PIL.Image
 from absl import logging
 
+from selmix_jax import errors
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "selmix_jax")
 _NUM_THREADS = min(8, os.cpu_count() or 1)
@@ -303,7 +305,7 @@ def _split_folder(tree: _Tree, split: str) -> str:
   top_folders, _ = tree.listing("")
   if len(top_folders) == 1 and tree.is_folder(f"{top_folders[0]}/{split}"):
     return f"{top_folders[0]}/{split}"
-  raise FileNotFoundError(
+  raise errors.DataPathError(
     f"No split folder {tree.describe(split)} (expected <root>/{split}/<class>/*.jpg"
     f"{' or <root>/<top>/' + split + '/<class>/*.jpg' if tree.zip else ''})."
   )
@@ -312,7 +314,7 @@ def _split_folder(tree: _Tree, split: str) -> str:
 def _root_path(root: str | os.PathLike, split: str) -> pathlib.Path:
   root = pathlib.Path(root).expanduser().absolute()
   if not root.exists():
-    raise FileNotFoundError(
+    raise errors.DataPathError(
       f"Image folder {root} does not exist (expected {root}/{split}/<class>/*.jpg)."
     )
   return root
@@ -364,8 +366,8 @@ def load_image_folder(
     An `ArraySource`.
 
   Raises:
-    FileNotFoundError: `root` or `root/<split>` does not exist.
-    ValueError: no class folders, a class folder without images, an unreadable
+    errors.DataPathError: (a FileNotFoundError) `root` or `root/<split>` does not exist.
+    errors.DataError: (a ValueError) no class folders, a class folder without images, an unreadable
       image, mixed image sizes without `image_size`, a listed class without folder, or
       a folder of a class not in `train_classes` (the message names the folder).
   """
@@ -398,7 +400,10 @@ def load_image_folder(
   base = _split_folder(tree, split)
   folders, _ = tree.listing(base)
   if not folders:
-    raise ValueError(f"{tree.describe(base)} has no class folders (expected {base}/<class>/*.jpg).")
+    raise errors.DataError(
+      f"Split folder {tree.describe(base)} has no class folders (expected "
+      f"{base}/<class>/*.jpg, one folder per class)."
+    )
   if train_classes is not None:
     class_names = _classes_of_train(tree, base, folders, class_names, train_classes)
   elif class_names is None:
@@ -406,14 +411,17 @@ def load_image_folder(
   else:
     missing = sorted(set(class_names) - set(folders))
     if missing:
-      raise ValueError(f"{tree.describe(base)} has no folder for classes {missing}.")
+      raise errors.DataError(
+        f"Split folder {tree.describe(base)} has no folder for classes {missing} of class_names "
+        "(config.data.class_names)."
+      )
   paths, labels = [], []
   for k, name in enumerate(class_names):
     if name not in folders:
       continue  # A class of the training split that this split lacks (warned about).
     files = [f for f in tree.listing(f"{base}/{name}")[1] if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
-      raise ValueError(
+      raise errors.DataError(
         f"Class folder {tree.describe(f'{base}/{name}')} holds no images "
         f"(expected files ending in {', '.join(IMAGE_EXTENSIONS)})."
       )
@@ -431,9 +439,10 @@ def load_image_folder(
       if images is None:
         images = np.empty((len(paths),) + image.shape, np.uint8)
       elif image.shape != images.shape[1:]:
-        raise ValueError(
+        raise errors.DataError(
           f"Image {tree.describe(paths[j])} has shape {image.shape}, but "
-          f"{tree.describe(paths[0])} has {images.shape[1:]}; pass image_size to resize them."
+          f"{tree.describe(paths[0])} has {images.shape[1:]}: images of one data set must have "
+          "one size; set image_size (config.data.image_size) to resize them all."
         )
       images[j] = image
   source = ArraySource(images, np.asarray(labels, np.int32), tuple(class_names))
@@ -454,7 +463,7 @@ def _classes_of_train(tree, base, folders, class_names, train_classes):
   listed = folders if class_names is None else [f for f in folders if f in class_names]
   unknown = [f for f in listed if f not in train_classes]
   if unknown:
-    raise ValueError(
+    raise errors.DataError(
       f"Class folder {tree.describe(f'{base}/{unknown[0]}')} is not a class of the training "
       f"split ({', '.join(train_classes)}): its images would get a label the model does not "
       "have. Remove or rename it, or add that class to the training split."
@@ -464,10 +473,23 @@ def _classes_of_train(tree, base, folders, class_names, train_classes):
 
 def _decode_named(path_and_data, channels, image_size, tree):
   path, data = path_and_data
+  if not data:
+    raise errors.DataError(
+      f"Image {tree.describe(path)} is empty (0 bytes; expected a JPEG or PNG image): "
+      "remove it or copy it again."
+    )
   try:
     return _decode(data, channels, image_size)
+  except PIL.UnidentifiedImageError as e:
+    raise errors.DataError(
+      f"Image {tree.describe(path)} is not an image ({len(data)} bytes starting {data[:8]!r}; "
+      "expected a JPEG or PNG image): remove it or copy it again."
+    ) from e
   except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three for bad data.
-    raise ValueError(f"Cannot decode image {tree.describe(path)}: {e}") from e
+    raise errors.DataError(
+      f"Image {tree.describe(path)} cannot be decoded ({len(data)} bytes, PIL says: {e}; "
+      "expected a complete JPEG or PNG image): remove it or copy it again."
+    ) from e
 
 
 # ------------------------------------------------------------------------------- TFDS
