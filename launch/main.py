@@ -11,11 +11,15 @@ with the cluster's auto-detection; `--coordinator_address=host:port --num_proces
 --process_id=i` passes the layout explicitly. SIGTERM/SIGINT stop the run after the current step
 with a checkpoint (exit status 128 + the signal number); the same command resumes it.
 
-Exit status: 0 done; 1 a command-line error or any other error; 2 an invalid config (the message
-names the field or file; nothing was computed), or a workdir that belongs to another run (in use
-by a live process, or holding checkpoints of another model); 3 the training diverged (a NaN/inf
-loss or state: the message names the stage, step, learning rate and the last good checkpoint,
-which is kept; no summary is written).
+Exit status: 0 done; 1 an unexpected error (a bug: with its traceback); 2 a user's mistake, printed
+as one line on stderr that names the file or field, what was found and what was expected, without
+a traceback (`SELMIX_TRACEBACK=1` shows it): the command line (an unknown flag or config field, a
+value of the wrong type, a config file or variant that cannot be loaded), an invalid config
+(nothing was computed), bad data (an empty folder, an unreadable image, mixed image sizes, a class
+smaller than requested), a workdir that cannot be used (a file, not writable, in use, or holding
+another run), a checkpoint of another model, or a step that ran out of device memory (names the
+batch size field to lower); 3 the training diverged (a NaN/inf loss or state: the message names
+the stage, step, learning rate and the last good checkpoint, which is kept; no summary is written).
 """
 
 import importlib
@@ -31,9 +35,12 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from selmix_jax import errors
+
 jax.config.config_with_absl()
 
-EXIT_CONFIG = 2
+EXIT_USER_ERROR = 2
+EXIT_CONFIG = EXIT_USER_ERROR
 EXIT_DIVERGED = 3
 
 
@@ -55,10 +62,40 @@ def exit_if_unknown_field(error: Exception, argv: list[str]) -> None:
       sys.exit(EXIT_CONFIG)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with `exit_if_unknown_field` for config overrides."""
+def exit_on_user_error(fn, *args):
+  """Calls `fn(*args)`; a user's mistake ends the process: one line on stderr, exit status 2.
+
+  A user's mistake is an `errors.UserError` (config, data, workdir, checkpoint, out of device
+  memory) or an error of absl's flag parsing (an unknown flag, a value of the wrong type, a
+  config file or variant that raises: ml_collections puts that traceback into the message, and
+  only its last line is kept). With `SELMIX_TRACEBACK=1` in the environment the error is raised
+  instead, with its traceback.
+  """
   try:
-    return app.parse_flags_with_usage(argv)
+    return fn(*args)
+  except (errors.UserError, flags.Error) as e:
+    if os.environ.get(errors.ENV_TRACEBACK) == "1":
+      raise
+    if isinstance(e, errors.UserError):
+      line = errors.one_line(e)
+    else:
+      text = str(e)
+      lines = [part.strip() for part in text.splitlines() if part.strip()]
+      flag = lines[0].removeprefix("flag ").split(": ", 1)[0]
+      if "Error whilst parsing config file" in text:  # The config file's own error, last line.
+        line = f"Invalid config: {flag}: {re.sub(r'^[A-Za-z_.]*Error: ', '', lines[-1])}"
+      elif flag.startswith("--config"):
+        line = f"Invalid config: {' '.join(lines).removeprefix('flag ')}"
+      else:
+        line = f"Invalid command line: {' '.join(lines)} (--helpfull lists the flags)."
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing; errors as one line (`exit_on_user_error`, `exit_if_unknown_field`)."""
+  try:
+    return exit_on_user_error(flags.FLAGS, argv)
   except (AttributeError, KeyError) as e:
     exit_if_unknown_field(e, argv)
     raise
@@ -116,19 +153,23 @@ def import_user_modules(argv: list[str]) -> list[str]:
     try:
       importlib.import_module(name)
     except ImportError as e:
-      raise SystemExit(f"--imports={name}: cannot import it ({e}).") from e
+      raise errors.UserError(f"--imports={name}: cannot import it ({e}).") from e
   return list(early.imports)
 
 
 def _loaded_config() -> ml_collections.ConfigDict:
-  """The --config value; exits naming the file when it could not be loaded (config_flags defers
-  that error to the first use of the config)."""
+  """The --config value; a `train.ConfigPathError` naming the file when it could not be loaded
+  (config_flags defers that error to the first use of the config)."""
   config = _CONFIG.value
   try:
     config.keys()
   except OSError as e:
-    logging.error("Invalid config: %s: %s", flags.FLAGS["config"].serialize(), e)
-    sys.exit(EXIT_CONFIG)
+    from selmix_jax import train  # pylint: disable=g-import-not-at-top
+
+    reason = re.search(r"\[Errno \d+\] (.*)", str(e))  # Past config_flags' own preamble.
+    raise train.ConfigPathError(
+        f"{flags.FLAGS['config'].serialize()}: {reason.group(1) if reason else e}"
+    ) from e
   return config
 
 
@@ -137,10 +178,19 @@ def _quiet_library_info(record: std_logging.LogRecord) -> bool:
   return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+def _quiet_backend_probe(record: std_logging.LogRecord) -> bool:
+  """Drops JAX's INFO that a platform it probes is absent ("Unable to initialize backend
+  'tpu'"): noise on every GPU or CPU run, before anything else is logged."""
+  return record.levelno >= std_logging.WARNING or "Unable to initialize backend" not in str(
+      record.msg
+  )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   std_logging.getLogger("absl").addFilter(_quiet_library_info)
+  std_logging.getLogger("jax._src.xla_bridge").addFilter(_quiet_backend_probe)
   if _COMPILATION_CACHE.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_COMPILATION_CACHE.value))
     # A size limit turns on JAX's file lock (the `filelock` package, in the train extra), so
@@ -171,21 +221,14 @@ def main(argv):
     jax.distributed.initialize()
   from selmix_jax import train  # pylint: disable=g-import-not-at-top
 
-  from selmix_jax import checkpointing  # pylint: disable=g-import-not-at-top
   from selmix_jax import loop  # pylint: disable=g-import-not-at-top
-  from selmix_jax import workdir  # pylint: disable=g-import-not-at-top
 
-  config = _loaded_config()
-  logging.info("Config:\n%s", config)
+  config = exit_on_user_error(_loaded_config)
+  # `train_and_evaluate` logs the config once it and the data are checked: an invalid one
+  # prints its line and nothing else.
+  exit_on_user_error(train.validate, config)
   try:
-    train.train_and_evaluate(config, _WORKDIR.value)
-  except train.ConfigError as e:
-    logging.error("Invalid config: %s", e)
-    sys.exit(EXIT_CONFIG)
-  except (checkpointing.CheckpointMismatchError, workdir.WorkdirInUseError) as e:
-    # The workdir belongs to another run: one clear line, no traceback.
-    logging.error("%s", e)
-    sys.exit(EXIT_CONFIG)
+    exit_on_user_error(train.train_and_evaluate, config, _WORKDIR.value)
   except loop.Preempted as e:
     logging.warning("%s", e)
     sys.exit(128 + e.signum)  # What a process killed by that signal reports.
@@ -195,5 +238,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  import_user_modules(sys.argv)
+  exit_on_user_error(import_user_modules, sys.argv)
   app.run(main, flags_parser=parse_flags)

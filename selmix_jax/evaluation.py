@@ -22,6 +22,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from selmix_jax import errors
 from selmix_jax import metrics
 from selmix_jax import steps
 from selmix_jax import train_state
@@ -193,6 +194,8 @@ class Evaluator:
   `evaluator(state_repl, split)` evaluates a replicated TrainState (its EMA copy when
   `use_ema`) on a `data.Split` and returns the `EvalResult`; `evaluator.summary(result)` gives
   its metrics with the run's head/tail split (`head_mask`, default the first 90 % of classes).
+  A pass that runs out of device memory raises `errors.OutOfMemoryError` naming
+  `batch_size_field` (the config field of `batch_size`).
   """
 
   def __init__(
@@ -204,8 +207,10 @@ class Evaluator:
       use_ema: bool = False,
       options: loader.Options | None = None,
       head_mask=None,
+      batch_size_field: str = "config.eval_batch_size",
   ):
     self.options = options
+    self.batch_size_field = batch_size_field
     self.head_mask = head_mask
     self.p_eval_step = make_p_eval_step(
         model,
@@ -225,10 +230,11 @@ class Evaluator:
     if name and announce:
       logging.info("Evaluating %s (%d examples).", name, len(split))
     variables = state_repl.eval_variables(use_ema=self.use_ema)
-    return evaluate_split(
-        self.p_eval_step, variables, split, batch_size=self.batch_size, options=self.options,
-        name=name, announce=announce,
-    )
+    with errors.out_of_memory("An evaluation pass", self.batch_size_field, self.batch_size):
+      return evaluate_split(
+          self.p_eval_step, variables, split, batch_size=self.batch_size, options=self.options,
+          name=name, announce=announce,
+      )
 
 
 class EvalCache:

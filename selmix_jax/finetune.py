@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from selmix_jax import checkpointing
+from selmix_jax import errors
 from selmix_jax import evaluation
 from selmix_jax import loop
 from selmix_jax import models
@@ -146,7 +147,10 @@ class _Run:
     if self.feed is None or self.feed.next_step != step:
       self._open_feed(step)
     batch = self.feed.next(step)
-    self.state_repl, self.metrics = self.p_train_step(self.state_repl, batch, self.key)
+    with errors.out_of_memory(
+        "A SelMix fine-tuning step", "config.selmix.batch_size", self.cfg.batch_size
+    ):
+      self.state_repl, self.metrics = self.p_train_step(self.state_repl, batch, self.key)
     return self.metrics
 
   def _open_feed(self, step):

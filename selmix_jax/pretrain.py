@@ -19,6 +19,7 @@ import jax
 import ml_collections
 
 from selmix_jax import checkpointing
+from selmix_jax import errors
 from selmix_jax import evaluation
 from selmix_jax import loop
 from selmix_jax import models
@@ -114,7 +115,10 @@ class _Run:
 
   def train_step(self, step):
     batch = self.feed.next(step)
-    self.state_repl, self.metrics = self.p_train_step(self.state_repl, batch, self.key)
+    with errors.out_of_memory(
+        "A pre-training step", "config.pretrain.batch_size", self.cfg.batch_size
+    ):
+      self.state_repl, self.metrics = self.p_train_step(self.state_repl, batch, self.key)
     return self.metrics
 
   def log(self, step):

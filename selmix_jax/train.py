@@ -301,6 +301,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f"config.objective.hparams.head_mask has {len(head_mask)} entries; the data set has "
           f"{datasets.num_classes} classes ({', '.join(datasets.class_names[:5])}, ...)."
       )
+    # Logged once the config, the workdir and the data are checked, so that a mistake in
+    # any of them ends in its own line rather than after this dump.
+    logging.info("Config:\n%s", config)
     result, text = _run(config, workdir, datasets)
     if jax.process_index() == 0:
       with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
