@@ -1,7 +1,9 @@
 """The bad-input catalogue (issue 16): every case fails loudly, names what is wrong, keeps data.
 
 Each case is a wrong input a user can give, through `launch/main.py` or the library API, with the
-message it must produce. Config cases also check that they fail before compute (no data loaded,
+message it must produce. Every user's mistake raises an `errors.UserError` whose message is one
+line naming the file or field (what `launch/main.py` prints, exit status 2, no traceback): the
+in-process cases check the exception and that line, a few command-line cases the real CLI. Config cases also check that they fail before compute (no data loaded,
 nothing written to the workdir) and that the finished pre-training run in that workdir keeps every
 checkpoint file byte for byte. Divergence cases check the exception or exit status, the message,
 that no summary claiming success is written, and that the last good checkpoint is still there
@@ -17,7 +19,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -25,12 +29,17 @@ import PIL.Image
 import pytest
 
 from selmix_jax import checkpointing
+from selmix_jax import confusion
 from selmix_jax import data
+from selmix_jax import errors
+from selmix_jax import evaluation
+from selmix_jax import finetune
 from selmix_jax import gains
 from selmix_jax import loop
 from selmix_jax import metrics
 from selmix_jax import models
 from selmix_jax import objectives
+from selmix_jax import pretrain
 from selmix_jax import sampling
 from selmix_jax import train
 from selmix_jax import workdir as workdir_lib
@@ -84,6 +93,15 @@ def _checkpoint_tree(directory, step=None):
   tree = manager.restore(step, args=ocp.args.StandardRestore())
   manager.close()
   return tree
+
+
+def _one_line(error, pattern):
+  """Asserts `error` is a user's mistake whose CLI line (one line) matches `pattern`."""
+  assert isinstance(error, errors.UserError), type(error)
+  line = errors.one_line(error)
+  assert "\n" not in line and line == line.strip(), line
+  assert re.search(pattern, line), line
+  return line
 
 
 @pytest.fixture(scope="module")
@@ -216,14 +234,22 @@ def test_config_error_names_the_field_before_compute_and_keeps_the_checkpoints(
 ):
   del no_data
   workdir, before = pretrained
-  with pytest.raises(error, match=pattern):
+  with pytest.raises(error, match=pattern) as caught:
     train.train_and_evaluate(_config(variant, **fields), workdir)
+  assert _one_line(caught.value, pattern).startswith("Invalid config: config.")
   assert _digest(workdir) == before, "a config error must not touch the workdir"
 
 
-def test_config_errors_are_also_the_builtin_exception_classes():
-  assert issubclass(train.ConfigValueError, ValueError)
-  assert issubclass(train.ConfigPathError, FileNotFoundError)
+def test_user_errors_are_also_the_builtin_exception_classes():
+  for error, builtin in [
+      (train.ConfigValueError, ValueError), (train.ConfigPathError, FileNotFoundError),
+      (errors.DataError, ValueError), (errors.DataPathError, FileNotFoundError),
+      (checkpointing.CheckpointMismatchError, ValueError),
+      (checkpointing.CheckpointNotFoundError, FileNotFoundError),
+      (checkpointing.NonFiniteCheckpointError, ValueError),
+      (workdir_lib.WorkdirInUseError, RuntimeError), (workdir_lib.WorkdirMismatchError, ValueError),
+  ]:
+    assert issubclass(error, errors.UserError) and issubclass(error, builtin), error
 
 
 def test_refresh_every_beyond_num_steps_warns(caplog):
@@ -240,8 +266,10 @@ def test_refresh_every_beyond_num_steps_warns(caplog):
 def test_finished_workdir_with_another_config_is_refused(pretrained):
   workdir, before = pretrained
   config = _config(mode="pretrain", **{"pretrain.learning_rate": 0.1})
-  with pytest.raises(ValueError, match=_E("config.pretrain.learning_rate is 0.05 there and 0.1")):
+  pattern = _E("config.pretrain.learning_rate is 0.05 there and 0.1")
+  with pytest.raises(workdir_lib.WorkdirMismatchError, match=pattern) as caught:
     train.train_and_evaluate(config, workdir)
+  _one_line(caught.value, r"^Workdir .* holds a finished run of another config: ")
   assert _digest(workdir) == before
 
 
@@ -251,8 +279,9 @@ def test_workdir_in_use_is_refused(pretrained):
   with open(lock, "w", encoding="utf-8") as f:
     json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": 0}, f)
   try:
-    with pytest.raises(workdir_lib.WorkdirInUseError, match=f"in use by PID {os.getpid()}"):
+    with pytest.raises(workdir_lib.WorkdirInUseError) as caught:
       train.train_and_evaluate(_config(mode="pretrain"), workdir)
+    _one_line(caught.value, f"^Workdir {workdir} is in use by PID {os.getpid()}")
   finally:
     os.remove(lock)
   assert _digest(workdir) == before
@@ -263,9 +292,9 @@ def test_checkpoint_of_another_model_is_refused(pretrained, tmp_path):
   config = _config(mode="selmix", **{
       "model.kwargs.width": 16, "selmix.init_checkpoint": os.path.join(workdir, "checkpoints")
   })
-  with pytest.raises(checkpointing.CheckpointMismatchError,
-                     match=r"\(raw weights\) does not match this run: .* has shape"):
+  with pytest.raises(checkpointing.CheckpointMismatchError) as caught:
     train.train_and_evaluate(config, str(tmp_path))
+  _one_line(caught.value, r"\(raw weights\) does not match this run: .* has shape")
   assert _digest(workdir) == before
 
 
@@ -273,8 +302,9 @@ def test_init_checkpoint_without_a_finished_step_is_refused(tmp_path):
   empty = tmp_path / "empty_checkpoints"
   empty.mkdir()
   config = _config(mode="selmix", **{"selmix.init_checkpoint": str(empty)})
-  with pytest.raises(FileNotFoundError, match=f"No finished checkpoint in '{empty}'"):
+  with pytest.raises(checkpointing.CheckpointNotFoundError) as caught:
     train.train_and_evaluate(config, str(tmp_path / "run"))
+  _one_line(caught.value, f"^No finished checkpoint in '{empty}'")
 
 
 def test_selmix_refuses_a_non_finite_init_checkpoint(pretrained, tmp_path):
@@ -289,10 +319,11 @@ def test_selmix_refuses_a_non_finite_init_checkpoint(pretrained, tmp_path):
   manager.wait_until_finished()
   manager.close()
   config = _config(mode="selmix", **{"selmix.init_checkpoint": bad})
-  with pytest.raises(ValueError, match=_E(f"config.selmix.init_checkpoint={bad!r}: the raw ")
-                     + r"weights of step 12 hold NaN or inf in 1 array\(s\), e.g. "
-                     + _E("'params/head/kernel'")):
+  with pytest.raises(checkpointing.NonFiniteCheckpointError) as caught:
     train.train_and_evaluate(config, str(tmp_path / "run"))
+  _one_line(caught.value, _E(f"config.selmix.init_checkpoint={bad!r}: the raw ")
+            + r"weights of step 12 hold NaN or inf in 1 array\(s\), e.g. "
+            + _E("'params/head/kernel'"))
   assert not _summaries(tmp_path / "run")
   assert _digest(workdir) == before
 
@@ -313,8 +344,9 @@ def test_image_folder_test_split_with_an_unknown_class_fails_naming_the_folder(t
       "data.name": "image_folder", "data.root": str(root), "data.labeled_max": 30,
       "data.val_per_class": 5, "data.cache_dir": "",
   })
-  with pytest.raises(ValueError, match=_E(f"Class folder {root}/test/d is not a class of the")):
+  with pytest.raises(errors.DataError) as caught:
     train.train_and_evaluate(config, str(tmp_path / "run"))
+  _one_line(caught.value, _E(f"Class folder {root}/test/d is not a class of the"))
   assert not _summaries(tmp_path / "run")
 
 
@@ -328,6 +360,208 @@ def test_image_folder_test_split_missing_a_class_warns_and_keeps_the_ids(tmp_pat
   assert datasets.test.class_counts(3).tolist() == [3, 0, 3]
   assert any("test_split='test'" in r.getMessage() and "class 'b'" in r.getMessage()
              for r in caplog.records)
+
+
+# ------------------------------------------- data and workdir mistakes: one line, no compute
+
+
+def _jpeg_folder(root, *, side=lambda name, i: 8):
+  """`root/{train,test}/{a,b,c}/<i>.jpg`: 12 training and 3 test images a class."""
+  for split in ("train", "test"):
+    for name in "abc":
+      folder = root / split / name
+      folder.mkdir(parents=True)
+      for i in range(12 if split == "train" else 3):
+        size = (side(name, i),) * 2
+        PIL.Image.new("RGB", size, (60 * "abc".index(name), 9 * i, 0)).save(folder / f"{i}.jpg")
+  return root
+
+
+def _folder_config(root, **fields):
+  return _config(mode="pretrain", **{
+      "data.name": "image_folder", "data.root": str(root), "data.labeled_max": 8,
+      "data.val_per_class": 2, "data.cache_dir": "", **fields,
+  })
+
+
+def _empty_folder(tmp_path, monkeypatch):
+  (tmp_path / "images").mkdir()
+  return _folder_config(tmp_path / "images"), tmp_path / "run"
+
+
+def _no_class_folders(tmp_path, monkeypatch):
+  (tmp_path / "images" / "train").mkdir(parents=True)
+  return _folder_config(tmp_path / "images"), tmp_path / "run"
+
+
+def _empty_class(tmp_path, monkeypatch):
+  root = _jpeg_folder(tmp_path / "images")
+  for image in (root / "train" / "b").iterdir():
+    image.unlink()
+  return _folder_config(root), tmp_path / "run"
+
+
+def _damaged_image(content):
+  def setup(tmp_path, monkeypatch):
+    root = _jpeg_folder(tmp_path / "images")
+    image = root / "train" / "a" / "3.jpg"
+    image.write_bytes(content(image.read_bytes()))
+    return _folder_config(root), tmp_path / "run"
+  return setup
+
+
+def _mixed_sizes(tmp_path, monkeypatch):
+  root = _jpeg_folder(tmp_path / "images", side=lambda name, i: 16 if (name, i) == ("b", 2) else 8)
+  return _folder_config(root), tmp_path / "run"
+
+
+def _labeled_max_40(tmp_path, monkeypatch):
+  return _folder_config(_jpeg_folder(tmp_path / "images"), **{"data.labeled_max": 40}), (
+      tmp_path / "run")
+
+
+def _workdir_file(tmp_path, monkeypatch):
+  (tmp_path / "run").write_text("notes\n")
+  return _config(mode="pretrain"), tmp_path / "run"
+
+
+def _workdir_under_file(tmp_path, monkeypatch):
+  (tmp_path / "notes").write_text("notes\n")
+  return _config(mode="pretrain"), tmp_path / "notes" / "run"
+
+
+def _workdir_read_only(tmp_path, monkeypatch):
+  # Root may write anywhere, so the permission answer is faked: the message path is under test.
+  (tmp_path / "run").mkdir()
+  monkeypatch.setattr(os, "access", lambda path, mode: False)
+  return _config(mode="pretrain"), tmp_path / "run"
+
+
+def _workdir_not_creatable(tmp_path, monkeypatch):
+  def makedirs(path, exist_ok=False):
+    raise PermissionError(13, "Permission denied", str(tmp_path / "ro"))
+  monkeypatch.setattr(os, "makedirs", makedirs)
+  return _config(mode="pretrain"), tmp_path / "ro" / "run"
+
+
+_IMAGE = "Image {root}/train/a/3.jpg "
+# (case id, setup(tmp_path, monkeypatch) -> (config, workdir), error class, pattern of the line;
+# {root} = the image folder, {workdir} = the workdir).
+INPUT_CASES = [
+    ("empty data folder", _empty_folder, errors.DataPathError,
+     _E("No split folder {root}/train (expected <root>/train/<class>/*.jpg).")),
+    ("split folder without class folders", _no_class_folders, errors.DataError,
+     _E("Split folder {root}/train has no class folders (expected train/<class>/*.jpg")),
+    ("empty class folder", _empty_class, errors.DataError,
+     _E("Class folder {root}/train/b holds no images (expected files ending in .jpg, .jpeg")),
+    ("truncated JPEG", _damaged_image(lambda b: b[:200]), errors.DataError,
+     _E(_IMAGE + "cannot be decoded (200 bytes, PIL says: ") + ".*"
+     + _E("; expected a complete JPEG or PNG image): remove it or copy it again.")),
+    ("zero-byte JPEG", _damaged_image(lambda b: b""), errors.DataError,
+     _E(_IMAGE + "is empty (0 bytes; expected a JPEG or PNG image)")),
+    ("text file named .jpg", _damaged_image(lambda b: b"hello world\n"), errors.DataError,
+     _E(_IMAGE + "is not an image (12 bytes starting b'hello wo'; expected a JPEG or PNG")),
+    ("images of mixed sizes", _mixed_sizes, errors.DataError,
+     _E("Image {root}/train/b/2.jpg has shape (16, 16, 3), but {root}/train/a/0.jpg has "
+        "(8, 8, 3): images of one data set must have one size; set image_size "
+        "(config.data.image_size)")),
+    ("labeled_max larger than a class", _labeled_max_40, errors.DataError,
+     _E("config.data.labeled_max=40: class 'a' (id 0) of the training split 'train' of "
+        "image_folder has 12 examples, fewer than the 42 requested (2 validation + 40 labeled "
+        "+ 0 unlabeled; 2 class(es) short). Lower config.data.labeled_max")),
+    ("workdir is a file", _workdir_file, workdir_lib.WorkdirError,
+     _E("Workdir {workdir} is a file, not a directory: use another --workdir")),
+    ("workdir under a file", _workdir_under_file, workdir_lib.WorkdirError,
+     _E("Workdir {workdir} cannot be created: {root}/notes is a file, not a directory.")),
+    ("workdir not writable", _workdir_read_only, workdir_lib.WorkdirError,
+     _E("Workdir {workdir} is not writable by this user (uid ")),
+    ("workdir cannot be created", _workdir_not_creatable, workdir_lib.WorkdirError,
+     _E("Workdir {workdir} cannot be created (Permission denied: {root}/ro): use a --workdir "
+        "this user (uid ")),
+]
+
+
+@pytest.mark.parametrize(
+    "setup, error, pattern", [c[1:] for c in INPUT_CASES], ids=[c[0] for c in INPUT_CASES]
+)
+def test_data_and_workdir_mistakes_end_in_one_line_before_compute(
+    setup, error, pattern, tmp_path, monkeypatch
+):
+  config, workdir = setup(tmp_path, monkeypatch)
+  with pytest.raises(error) as caught:
+    train.train_and_evaluate(config, str(workdir))
+  monkeypatch.undo()
+  root = config.data.root if config.data.name == "image_folder" else str(tmp_path)
+  pattern = pattern.replace(_E("{root}"), _E(root)).replace(_E("{workdir}"), _E(str(workdir)))
+  _one_line(caught.value, "^" + pattern)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  assert not os.path.isdir(workdir) or not os.path.exists(checkpoints), "nothing may be compiled"
+
+
+# Out of device memory, faked at each call site (a real one needs an accelerator).
+_OOM = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB.")
+
+
+def _raise_oom(*args, **kwargs):
+  raise _OOM
+
+
+def _pretrain_step():
+  run = types.SimpleNamespace(
+      feed=types.SimpleNamespace(next=lambda step: {}), p_train_step=_raise_oom,
+      state_repl=None, key=None, cfg=types.SimpleNamespace(batch_size=32),
+  )
+  pretrain._Run.train_step(run, 0)  # pylint: disable=protected-access
+
+
+def _selmix_step():
+  run = types.SimpleNamespace(
+      feed=types.SimpleNamespace(next_step=0, next=lambda step: {}), p_train_step=_raise_oom,
+      state_repl=None, key=None, cfg=types.SimpleNamespace(batch_size=64),
+  )
+  finetune._Run.train_step(run, 0)  # pylint: disable=protected-access
+
+
+def _eval_pass():
+  evaluator = types.SimpleNamespace(
+      use_ema=False, p_eval_step=None, batch_size=256, options=None,
+      batch_size_field="config.eval_batch_size",
+  )
+  state_repl = types.SimpleNamespace(eval_variables=lambda use_ema: {})
+  evaluation.Evaluator.__call__(evaluator, state_repl, split=[])
+
+
+OOM_CASES = [
+    ("pre-training step out of memory", _pretrain_step,
+     "A pre-training step ran out of device memory with config.pretrain.batch_size=32 "
+     "(8 examples per device on 4 device(s)): lower config.pretrain.batch_size (keeping it a "
+     "multiple of 4)."),
+    ("SelMix step out of memory", _selmix_step,
+     "A SelMix fine-tuning step ran out of device memory with config.selmix.batch_size=64 "
+     "(16 examples per device on 4 device(s)): lower config.selmix.batch_size"),
+    ("evaluation out of memory", _eval_pass,
+     "An evaluation pass ran out of device memory with config.eval_batch_size=256 (64 examples "
+     "per device on 4 device(s)): lower config.eval_batch_size (keeping it a multiple of 4)."),
+]
+
+
+@pytest.mark.parametrize("call, expected", [c[1:] for c in OOM_CASES], ids=[c[0] for c in OOM_CASES])
+def test_out_of_device_memory_names_the_batch_size_field(call, expected, monkeypatch):
+  monkeypatch.setattr(evaluation, "evaluate_split", _raise_oom)
+  with pytest.raises(errors.OutOfMemoryError) as caught:
+    call()
+  line = _one_line(caught.value, "^" + _E(expected))
+  assert line.endswith("XLA said: RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                       "4.00GiB.")
+  assert caught.value.__cause__ is _OOM
+
+
+def test_other_runtime_errors_pass_through_unchanged():
+  other = jax.errors.JaxRuntimeError("INTERNAL: something else")
+  with pytest.raises(jax.errors.JaxRuntimeError) as caught:
+    with errors.out_of_memory("A step", "config.selmix.batch_size", 64):
+      raise other
+  assert caught.value is other
 
 
 # ---------------------------------------------------------------------------- divergence
@@ -419,6 +653,27 @@ LIBRARY_CASES = [
     ("with_floor NaN P", lambda: _raises(
         ValueError, "pair_probs must be finite and non-negative",
         sampling.with_floor, _NAN_MATRIX)),
+    ("summary of a 1-D array", lambda: _raises(
+        ValueError, _E("confusion: a confusion matrix must have shape [..., K, K] with K >= 1 "
+                       "(rows = true class), got shape (4,)."),
+        metrics.summary, np.ones(4))),
+    ("summary of a non-square matrix", lambda: _raises(
+        ValueError, _E("got shape (2, 3)."), metrics.summary, np.ones((2, 3)))),
+    ("summary of an empty matrix", lambda: _raises(
+        ValueError, _E("with K >= 1 (rows = true class), got shape (0, 0)."),
+        metrics.summary, np.ones((0, 0)))),
+    ("jitted summary of a non-square matrix (trace time)", lambda: _raises(
+        ValueError, _E("got shape (3, 2)."), jax.jit(metrics.summary), jnp.ones((3, 2)))),
+    ("check_counts of an empty matrix", lambda: _raises(
+        ValueError, _E("test pass: a confusion matrix must have shape [..., K, K] with K >= 1"),
+        metrics.check_counts, np.zeros((0, 0)), where="test pass")),
+    ("confusion_matrix drops labels >= K (documented)", lambda: np.testing.assert_array_equal(
+        confusion.confusion_matrix(jnp.array([0, 1, 2, 5]), jnp.array([0, 1, 1, 1]), 3),
+        [[1, 0, 0], [0, 1, 0], [0, 1, 0]])),
+    ("check_labels of labels >= K", lambda: _raises(
+        ValueError, _E("test labels: 2 of 4 labels lie outside [0, 3) (values 5, 7; first at "
+                       "index 1); expected class ids 0..2."),
+        confusion.check_labels, np.array([0, 5, 2, 7]), 3, where="test labels")),
     ("check_global_batch 6 on 4 devices", lambda: _raises(
         ValueError, _E("config.selmix.batch_size=6 must be a positive multiple"),
         pipeline.check_global_batch, 6, field="config.selmix.batch_size")),
@@ -440,45 +695,68 @@ def test_library_rejects_or_marks_bad_input(check):
 # ---------------------------------------------------------------------- launch/main.py
 
 
+# (case id, arguments ({images}: a folder with a text file named .jpg; {file}: a file), exit
+# status, the line). Exit 2 cases print exactly that one line besides absl's log records.
 CLI_CASES = [
-    ("unknown flag", ["--foo=1"], 1, "Unknown command line flag 'foo'"),
-    ("bad --config variant", ["--config=configs/default.py:huge"], 1,
-     "configs/default.py variant 'huge': expected '', 'tiny' or 'tiny_ssl'"),
+    ("unknown flag", ["--foo=1"], 2,
+     "Invalid command line: Unknown command line flag 'foo'."),
+    ("bad --config variant", ["--config=configs/default.py:huge"], 2,
+     "Invalid config: --config=configs/default.py:huge: configs/default.py variant 'huge': "
+     "expected '', 'tiny' or 'tiny_ssl'."),
     ("config file missing", ["--config=configs/nope.py"], 2,
-     "Invalid config: --config=configs/nope.py:"),
+     "Invalid config: --config=configs/nope.py: No such file or directory: 'configs/nope.py'"),
     ("unknown --config.data field", ["--config=configs/default.py:tiny", "--config.data.foo=1"], 2,
      "Invalid config: --config.data.foo=1: the config has no field 'config.data.foo'."),
     ("misspelt --config field", ["--config.selmix.temprature=1"], 2,
-     "the config has no field 'config.selmix.temprature'. Did you mean 'temperature'?"),
-    ("--imports of a missing module", ["--imports=no_such_module"], 1,
-     "--imports=no_such_module: cannot import it"),
-    ("value of the wrong type", ["--config.selmix.temperature=abc"], 1,
-     "flag --config.selmix.temperature=abc: could not convert string to float: 'abc'"),
+     "Invalid config: --config.selmix.temprature=1: the config has no field "
+     "'config.selmix.temprature'. Did you mean 'temperature'?"),
+    ("--imports of a missing module", ["--imports=no_such_module"], 2,
+     "--imports=no_such_module: cannot import it (No module named 'no_such_module')."),
+    ("value of the wrong type", ["--config.selmix.temperature=abc"], 2,
+     "Invalid config: --config.selmix.temperature=abc: could not convert string to float: 'abc'"),
     ("validate error from the CLI", ["--config=configs/default.py:tiny",
                                      "--config.selmix.temperature=0"], 2,
      "Invalid config: config.selmix.temperature=0.0: must be > 0."),
+    ("text file named .jpg from the CLI", [
+        "--config=configs/default.py:tiny", "--config.data.name=image_folder",
+        "--config.data.root={images}", "--config.data.cache_dir=", "--config.data.labeled_max=8",
+        "--config.data.val_per_class=2"], 2,
+     "Image {images}/train/a/3.jpg is not an image (12 bytes starting b'hello wo'; expected a "
+     "JPEG or PNG image): remove it or copy it again."),
+    ("workdir is a file from the CLI", ["--config=configs/default.py:tiny", "--workdir={file}"], 2,
+     "Workdir {file} is a file, not a directory: use another --workdir"),
     ("pre-training diverges (lr 1e8)", [
         "--config=configs/default.py:tiny", "--config.mode=pretrain",
         "--config.pretrain.num_steps=24", "--config.pretrain.learning_rate=1e8"], 3,
      "Pre-training diverged at step "),
 ]
+# An absl log record's first line: `I1204 17:24:47.483090 140389992889216 main.py:179] ...`.
+_ABSL_RECORD = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] ")
 
 
 @pytest.fixture(scope="module")
 def cli_results(tmp_path_factory):
   """Runs every CLI case at once (separate processes), each in its own workdir."""
   env = {**os.environ, "PYTHONPATH": _REPO}
+  env.pop("SELMIX_TRACEBACK", None)
+  images = tmp_path_factory.mktemp("cli_images")
+  _jpeg_folder(images)
+  (images / "train" / "a" / "3.jpg").write_bytes(b"hello world\n")
+  file = tmp_path_factory.mktemp("cli_file") / "notes.txt"
+  file.write_text("notes\n")
+  paths = {"images": str(images), "file": str(file)}
   running = {}
   for case_id, args, _, _ in CLI_CASES:
     workdir = str(tmp_path_factory.mktemp("cli"))
-    command = [sys.executable, "launch/main.py", *args, f"--workdir={workdir}"]
+    command = [sys.executable, "launch/main.py", f"--workdir={workdir}"]
+    command += [arg.format(**paths) for arg in args]  # A later --workdir wins.
     running[case_id] = (workdir, subprocess.Popen(
         command, cwd=_REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ))
   results = {}
   for case_id, (workdir, process) in running.items():
     _, stderr = process.communicate(timeout=300)
-    results[case_id] = (process.returncode, stderr, workdir)
+    results[case_id] = (process.returncode, stderr, workdir, paths)
   return results
 
 
@@ -487,11 +765,16 @@ def cli_results(tmp_path_factory):
     ids=[c[0] for c in CLI_CASES],
 )
 def test_command_line_error_exits_naming_the_problem(case_id, status, expected, cli_results):
-  returncode, stderr, workdir = cli_results[case_id]
+  returncode, stderr, workdir, paths = cli_results[case_id]
   assert returncode == status, stderr[-3000:]
-  assert expected in stderr, stderr[-3000:]
-  # At most the config file's own frames (absl shows them for an error inside get_config).
-  assert stderr.count('File "') <= 2, stderr[-3000:]
+  assert "Traceback" not in stderr and 'File "' not in stderr, stderr[-3000:]
+  if status == 2:  # One line besides absl's (single-line) log records, and it is the last one.
+    lines = [line for line in stderr.splitlines() if not _ABSL_RECORD.match(line)]
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0] == stderr.splitlines()[-1]
+    assert lines[0].startswith(expected.format(**paths)), lines[0]
+  else:
+    assert expected in stderr, stderr[-3000:]
   assert not _summaries(workdir)
   assert not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.listdir(
       os.path.join(workdir, "checkpoints")
@@ -504,7 +787,7 @@ def test_command_line_error_exits_naming_the_problem(case_id, status, expected, 
 def test_catalogue_is_listed_in_the_benchmarks_readme():
   with open(os.path.join(_REPO, "benchmarks", "README.md"), encoding="utf-8") as f:
     text = f.read()
-  ids = [c[0] for c in CONFIG_CASES + LIBRARY_CASES + CLI_CASES]
+  ids = [c[0] for c in CONFIG_CASES + INPUT_CASES + OOM_CASES + LIBRARY_CASES + CLI_CASES]
   assert len(ids) >= 40
   missing = [case_id for case_id in ids if f"| {case_id} |" not in text]
   assert not missing, f"benchmarks/README.md lacks catalogue rows for {missing}"
