@@ -1,6 +1,7 @@
 """Tests for selmix_jax.confusion: exact counts, masking, soft counts, psum across devices."""
 
 import functools
+import re
 
 import chex
 import jax
@@ -234,3 +235,23 @@ def test_class_feature_sums_psum_over_four_devices():
   np.testing.assert_allclose(
     confusion.prototypes(sums[0], counts[0]), want_sums / want_counts[:, None], rtol=1e-6
   )
+
+
+def test_check_labels_names_what_jitted_counts_would_drop():
+  labels = np.array([0, 3, 2, -1, 9, 3, 1])
+  preds = np.zeros_like(labels)
+  # The oracle: examples with labels outside [0, K) are exactly the ones the counts lose.
+  inside = ((labels >= 0) & (labels < 3)).sum()
+  assert int(confusion.confusion_matrix(labels, preds, 3).sum()) == inside == 3
+  with pytest.raises(ValueError, match=re.escape(
+      "val: 4 of 7 labels lie outside [0, 3) (values -1, 3, 9; first at index 1); expected "
+      "class ids 0..2.")):
+    confusion.check_labels(labels, 3, where="val")
+  # A pool whose -1 means "no label": only the unmasked labels are checked.
+  with pytest.raises(ValueError, match=re.escape("3 of 7 labels lie outside [0, 3) (values 3, 9;")):
+    confusion.check_labels(labels, 3, mask=labels != -1)
+  ok = np.array([[0, 1], [2, 2]])
+  assert confusion.check_labels(ok, 3) is not None
+  np.testing.assert_array_equal(confusion.check_labels(ok, 3), ok)
+  with pytest.raises(ValueError, match="labels must be integers, got dtype float32"):
+    confusion.check_labels(np.array([0.0, 1.0], np.float32), 3)

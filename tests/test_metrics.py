@@ -1,5 +1,6 @@
 """Tests for selmix_jax.metrics against hand-checked numbers, scikit-learn and scipy."""
 
+import re
 import warnings
 
 import hypothesis
@@ -353,5 +354,24 @@ def test_check_counts():
     metrics.check_counts(cm, where="x")
   with pytest.raises(ValueError, match=r"stack: .*entry \[1, 0, 0\] is -5 \(7 of 18"):
     metrics.check_counts(np.stack([LITERAL, -LITERAL]), where="stack")
-  with pytest.raises(ValueError, match=r"val: a confusion matrix must be \[..., K, K\]"):
+  with pytest.raises(ValueError, match=r"val: a confusion matrix must have shape \[..., K, K\]"):
     metrics.check_counts(np.ones((3, 4)), where="val")
+
+
+_PUBLIC_METRICS = [
+  metrics.recalls, metrics.precisions, metrics.coverages, metrics.accuracy, metrics.mean_recall,
+  metrics.min_recall, metrics.min_head_tail_recall, metrics.gmean_recall, metrics.hmean_recall,
+  metrics.min_coverage, metrics.summary,
+]
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 3), (0, 0), (5, 3, 2)], ids=str)
+@pytest.mark.parametrize("fn", _PUBLIC_METRICS, ids=lambda fn: fn.__name__)
+def test_wrong_shape_raises_naming_it_eagerly_and_at_trace_time(fn, shape):
+  pattern = r"must have shape \[\.\.\., K, K\] with K >= 1 .*got shape " + re.escape(str(shape))
+  with pytest.raises(ValueError, match=pattern):
+    fn(np.ones(shape))
+  traced = jax.jit(fn)
+  with pytest.raises(ValueError, match=pattern):  # Shapes are static: raised while tracing.
+    traced.lower(jax.ShapeDtypeStruct(shape, jnp.float32))
+  assert metrics.check_shape(np.ones((3, 2, 2))) == (3, 2, 2)  # A stack of 2x2 is fine.
