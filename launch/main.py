@@ -223,10 +223,9 @@ def main(argv):
 
   from selmix_jax import loop  # pylint: disable=g-import-not-at-top
 
+  # `train_and_evaluate` logs the config only once it, the workdir and the data are checked:
+  # a mistake in any of them prints its line after at most a few one-line INFO records.
   config = exit_on_user_error(_loaded_config)
-  # `train_and_evaluate` logs the config once it and the data are checked: an invalid one
-  # prints its line and nothing else.
-  exit_on_user_error(train.validate, config)
   try:
     exit_on_user_error(train.train_and_evaluate, config, _WORKDIR.value)
   except loop.Preempted as e:

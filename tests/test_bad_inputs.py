@@ -3,9 +3,10 @@
 Each case is a wrong input a user can give, through `launch/main.py` or the library API, with the
 message it must produce. Every user's mistake raises an `errors.UserError` whose message is one
 line naming the file or field (what `launch/main.py` prints, exit status 2, no traceback): the
-in-process cases check the exception and that line, a few command-line cases the real CLI. Config cases also check that they fail before compute (no data loaded,
-nothing written to the workdir) and that the finished pre-training run in that workdir keeps every
-checkpoint file byte for byte. Divergence cases check the exception or exit status, the message,
+in-process cases check the exception and that line, a few command-line cases the real CLI.
+Config cases also check that they fail before compute (no data loaded, nothing written to the
+workdir) and that the finished pre-training run in that workdir keeps every checkpoint file byte
+for byte. Divergence cases check the exception or exit status, the message,
 that no summary claiming success is written, and that the last good checkpoint is still there
 and finite. `benchmarks/README.md` lists the catalogue (input -> message); a test below keeps
 that list complete.
@@ -499,7 +500,9 @@ def test_data_and_workdir_mistakes_end_in_one_line_before_compute(
 
 
 # Out of device memory, faked at each call site (a real one needs an accelerator).
-_OOM = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB.")
+_OOM = jax.errors.JaxRuntimeError(
+    "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.00GiB."
+)
 
 
 def _raise_oom(*args, **kwargs):
@@ -545,7 +548,9 @@ OOM_CASES = [
 ]
 
 
-@pytest.mark.parametrize("call, expected", [c[1:] for c in OOM_CASES], ids=[c[0] for c in OOM_CASES])
+@pytest.mark.parametrize(
+    "call, expected", [c[1:] for c in OOM_CASES], ids=[c[0] for c in OOM_CASES]
+)
 def test_out_of_device_memory_names_the_batch_size_field(call, expected, monkeypatch):
   monkeypatch.setattr(evaluation, "evaluate_split", _raise_oom)
   with pytest.raises(errors.OutOfMemoryError) as caught:

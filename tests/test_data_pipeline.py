@@ -125,7 +125,7 @@ def test_build_digits_supervised_flipped_validation_and_all_remaining():
 def test_build_rejects_unknown_fields_and_too_many_examples():
   with pytest.raises(KeyError, match="labelled_max"):
     pipeline.build(_digits_config(labelled_max=3))
-  with pytest.raises(ValueError, match=r"Class 0 has \d+ examples, fewer than the"):
+  with pytest.raises(ValueError, match=r"class '0' \(id 0\) of the training split .* fewer"):
     pipeline.build(_digits_config(labeled_max=1000))
   with pytest.raises(ValueError, match="Unknown data set"):
     pipeline.build(_digits_config(name="mnist"))
