@@ -796,3 +796,13 @@ def test_catalogue_is_listed_in_the_benchmarks_readme():
   assert len(ids) >= 40
   missing = [case_id for case_id in ids if f"| {case_id} |" not in text]
   assert not missing, f"benchmarks/README.md lacks catalogue rows for {missing}"
+
+
+def test_selmix_traceback_shows_the_traceback_of_a_user_error(tmp_path):
+  env = {**os.environ, "PYTHONPATH": _REPO, "SELMIX_TRACEBACK": "1"}
+  command = [sys.executable, "launch/main.py", "--config=configs/default.py:tiny",
+             "--config.selmix.temperature=0", f"--workdir={tmp_path}"]
+  done = subprocess.run(command, cwd=_REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1, done.stderr[-3000:]
+  assert "Traceback (most recent call last)" in done.stderr, done.stderr[-3000:]
+  assert "ConfigValueError: config.selmix.temperature=0.0: must be > 0." in done.stderr
