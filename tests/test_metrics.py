@@ -358,7 +358,7 @@ def test_check_counts():
     metrics.check_counts(np.ones((3, 4)), where="val")
 
 
-_PUBLIC_METRICS = [
+_SHAPE_CHECKED_METRICS = [
   metrics.recalls, metrics.precisions, metrics.coverages, metrics.accuracy, metrics.mean_recall,
   metrics.min_recall, metrics.min_head_tail_recall, metrics.gmean_recall, metrics.hmean_recall,
   metrics.min_coverage, metrics.summary,
@@ -366,7 +366,7 @@ _PUBLIC_METRICS = [
 
 
 @pytest.mark.parametrize("shape", [(4,), (2, 3), (0, 0), (5, 3, 2)], ids=str)
-@pytest.mark.parametrize("fn", _PUBLIC_METRICS, ids=lambda fn: fn.__name__)
+@pytest.mark.parametrize("fn", _SHAPE_CHECKED_METRICS, ids=lambda fn: fn.__name__)
 def test_wrong_shape_raises_naming_it_eagerly_and_at_trace_time(fn, shape):
   pattern = r"must have shape \[\.\.\., K, K\] with K >= 1 .*got shape " + re.escape(str(shape))
   with pytest.raises(ValueError, match=pattern):
