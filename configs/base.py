@@ -7,6 +7,7 @@ Not a runnable config itself: `get_config()` here returns the defaults, which th
 import ml_collections
 
 from selmix_jax import data
+from selmix_jax import mislas
 from selmix_jax import objectives
 
 
@@ -45,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.pretrain.log_every = 50
   config.pretrain.eval_every = 500
   config.pretrain.checkpoint_every = 500
+  # MiSLAS (method 'mislas'): its stage fields, at the release's CIFAR-10-LT values.
+  config.pretrain.mislas = mislas.default_config()
 
   # SelMix fine-tuning (SPEC §6).
   config.selmix = ml_collections.ConfigDict()

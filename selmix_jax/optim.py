@@ -62,14 +62,16 @@ def make_pretrain_optimizer(
     momentum: float = 0.9,
     nesterov: bool = True,
     weight_decay: float = 5e-4,
+    decay_all: bool = False,
 ) -> optax.GradientTransformation:
   """SGD with (Nesterov) momentum; L2 weight decay on kernels only (PyTorch-style coupled).
 
   The decay is added to the gradient before momentum, as `torch.optim.SGD(weight_decay=...)`
-  does on the parameter group that holds the weights.
+  does on the parameter group that holds the weights. `decay_all` decays every parameter
+  (biases and normalisation scales too), as one torch group holding the whole model does.
   """
   return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+      optax.add_decayed_weights(weight_decay, mask=None if decay_all else weight_decay_mask),
       optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov),
   )
 

@@ -22,6 +22,7 @@ from selmix_jax import checkpointing
 from selmix_jax import errors
 from selmix_jax import evaluation
 from selmix_jax import loop
+from selmix_jax import mislas
 from selmix_jax import models
 from selmix_jax import optim
 from selmix_jax import reporting
@@ -32,16 +33,24 @@ from selmix_jax.data import augment
 from selmix_jax.data import loader
 from selmix_jax.data import pipeline
 
-METHODS = ("supervised", "fixmatch")
+METHODS = ("supervised", "fixmatch", "mislas")
 SCHEDULES = ("cosine", "fixmatch_cosine")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, Any]:
+def run(
+    config: ml_collections.ConfigDict, workdir: str, datasets, *, mislas_stage1: bool = False
+) -> dict[str, Any]:
   """Pre-trains per `config.pretrain`; resumes from `<workdir>/checkpoints` if present.
+
+  Method 'mislas' runs `mislas.run`: its stage 1 is this function (`mislas_stage1=True`) on
+  `<workdir>/stage1`, its stage 2 and final model follow there.
 
   Returns:
     `{'val': summary, 'test': summary, 'steps': int, 'wall_time_s': float}` of the final model.
   """
+  if config.pretrain.method == "mislas" and not mislas_stage1:
+    stage1 = functools.partial(run, mislas_stage1=True)
+    return mislas.run(config, workdir, datasets, stage1=stage1)
   cfg, ds, t0 = config.pretrain, datasets, time.time()
   model = models.from_config(config.model, ds.num_classes)
   use_ema = cfg.method == "fixmatch" or cfg.get("ema_decay_supervised", 0.0) > 0
@@ -51,6 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
       momentum=cfg.momentum,
       nesterov=cfg.nesterov,
       weight_decay=cfg.weight_decay,
+      decay_all=cfg.method == "mislas",  # As torch's SGD on their one parameter group.
   )
   state = train_state.create(model, jax.random.key(config.seed), ds.image_shape, tx, ema=use_ema)
   manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"))
@@ -138,6 +148,8 @@ class _Run:
 
 
 def _schedule(cfg: ml_collections.ConfigDict):
+  if cfg.method == "mislas":
+    return mislas.stage1_schedule(cfg)
   if cfg.schedule == "cosine":
     return optim.cosine_schedule(cfg.learning_rate, cfg.num_steps)
   if cfg.schedule == "fixmatch_cosine":
@@ -171,6 +183,11 @@ def make_train_step(cfg: ml_collections.ConfigDict, ds, *, train_augment: str = 
         unlabeled_weight=cfg.unlabeled_weight,
         logit_adjustment=la,
         ema_decay=cfg.ema_decay,
+        axis_name="batch",
+    )
+  elif cfg.method == "mislas":
+    body = functools.partial(
+        mislas.mixup_step, preprocess_fn=preprocess("weak"), alpha=cfg.mislas.alpha,
         axis_name="batch",
     )
   else:

@@ -26,6 +26,7 @@ from selmix_jax import data
 from selmix_jax import errors
 from selmix_jax import finetune
 from selmix_jax import gains
+from selmix_jax import mislas
 from selmix_jax import models
 from selmix_jax import objectives
 from selmix_jax import pairs
@@ -96,6 +97,20 @@ _FIXMATCH_RANGES = {
     "threshold": _UNIT,
     "unlabeled_weight": _NON_NEGATIVE,
     "ema_decay": _DECAY,
+}
+_MISLAS_RANGES = {
+    "stage1_epochs": _POSITIVE_INT,
+    "alpha": _POSITIVE,
+    "warmup_epochs": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "decay_epochs": (lambda v: isinstance(v, (tuple, list)) and all(_int(e) and e > 0 for e in v),
+                     "a tuple of positive epochs"),
+    "decay_factor": (lambda v: _real(v) and 0 < v <= 1, "in (0, 1]"),
+    "stage2_epochs": _POSITIVE_INT,
+    "stage2_learning_rate": _POSITIVE,
+    "head_lr_factor": _NON_NEGATIVE,
+    "smooth_head": (lambda v: _real(v) and 0 <= v < 1, "in [0, 1)"),
+    "smooth_tail": (lambda v: _real(v) and 0 <= v < 1, "in [0, 1)"),
+    "samples_per_class": _POSITIVE_INT,
 }
 _SELMIX_RANGES = {
     "num_steps": _POSITIVE_INT,
@@ -211,6 +226,8 @@ def _validate_pretrain(config: ml_collections.ConfigDict) -> None:
         f"config.pretrain.schedule={cfg.schedule!r}; expected one of {pretrain.SCHEDULES}."
     )
   _check_ranges(cfg, "config.pretrain", _PRETRAIN_RANGES)
+  if cfg.method == "mislas":
+    _validate_mislas(cfg)
   if cfg.method == "fixmatch":
     _check_ranges(cfg, "config.pretrain", _FIXMATCH_RANGES)
     if config.data.unlabeled_max == 0:
@@ -218,6 +235,42 @@ def _validate_pretrain(config: ml_collections.ConfigDict) -> None:
           "config.pretrain.method='fixmatch' needs an unlabeled pool: set "
           "config.data.unlabeled_max > 0 (-1 = every remaining training example)."
       )
+
+
+def _validate_mislas(cfg: ml_collections.ConfigDict) -> None:
+  m = cfg.get("mislas")
+  if m is None:
+    raise ValueError(
+        "config.pretrain.method='mislas' needs config.pretrain.mislas (its stage fields; "
+        "configs/base.py sets them to the release's CIFAR-10-LT values)."
+    )
+  known = mislas.default_config()
+  unknown = sorted(set(m) - set(known))
+  if unknown:
+    raise ValueError(
+        f"config.pretrain.mislas.{unknown[0]} is not a MiSLAS field; known: "
+        f"{', '.join(sorted(known))}."
+    )
+  missing = sorted(set(known) - set(m))
+  if missing:
+    raise ValueError(f"config.pretrain.mislas.{missing[0]} is missing.")
+  _check_ranges(m, "config.pretrain.mislas", _MISLAS_RANGES)
+  if m.schedule not in mislas.SCHEDULES:
+    raise ValueError(
+        f"config.pretrain.mislas.schedule={m.schedule!r}; expected one of {mislas.SCHEDULES}."
+    )
+  if m.smooth_shape not in mislas.SMOOTHING_SHAPES:
+    raise ValueError(
+        f"config.pretrain.mislas.smooth_shape={m.smooth_shape!r}; expected one of "
+        f"{mislas.SMOOTHING_SHAPES}."
+    )
+  if m.schedule == "step" and m.warmup_epochs > m.stage1_epochs:
+    raise ValueError(
+        f"config.pretrain.mislas.warmup_epochs={m.warmup_epochs}: must be <= "
+        f"config.pretrain.mislas.stage1_epochs={m.stage1_epochs}."
+    )
+  if not isinstance(m.shift_bn, bool):
+    raise ValueError(f"config.pretrain.mislas.shift_bn={m.shift_bn!r}: must be True or False.")
 
 
 def _validate_selmix(config: ml_collections.ConfigDict) -> None:
