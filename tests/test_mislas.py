@@ -193,36 +193,41 @@ def test_both_stages_write_the_final_plain_model(uninterrupted):
   assert np.asarray(result["test"]["confusion"]).sum() > 0
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_each_stage_resumes_bit_identically(uninterrupted, stage, tmp_path, monkeypatch):
+def test_each_stage_resumes_bit_identically(uninterrupted, tmp_path, monkeypatch, caplog):
+  """Killed in stage 1, then killed in stage 2, then finished: the same model, bit for bit."""
   full_dir, _ = uninterrupted
   workdir = str(tmp_path)
 
   class _Killed(Exception):
     pass
 
-  if stage == 1:
-    original = pretrain._Run.train_step
+  original_step = pretrain._Run.train_step
 
-    def killed(self, step):
-      if step == 4:  # After the checkpoint at step 3.
-        raise _Killed()
-      return original(self, step)
+  def killed_step(self, step):
+    if step == 4:  # After stage 1's checkpoint at step 3.
+      raise _Killed()
+    return original_step(self, step)
 
-    monkeypatch.setattr(pretrain._Run, "train_step", killed)
-  else:
-    original_save = mislas.train_state.save
-    def save_then_kill(manager, step, trees):
-      original_save(manager, step, trees)
-      if "stage2" in str(manager.directory) and step == 3:
-        manager.wait_until_finished()
-        raise _Killed()
+  original_save = train_state.save
 
-    monkeypatch.setattr(mislas.train_state, "save", save_then_kill)
+  def save_then_kill(manager, step, trees):
+    original_save(manager, step, trees)
+    if os.path.basename(os.path.dirname(str(manager.directory))) == "stage2" and step == 3:
+      manager.wait_until_finished()
+      raise _Killed()
+
+  caplog.set_level("INFO")
+  monkeypatch.setattr(pretrain._Run, "train_step", killed_step)
+  with pytest.raises(_Killed):
+    train.train_and_evaluate(_config(), workdir)
+  monkeypatch.undo()
+  monkeypatch.setattr(train_state, "save", save_then_kill)
   with pytest.raises(_Killed):
     train.train_and_evaluate(_config(), workdir)
   monkeypatch.undo()
   train.train_and_evaluate(_config(), workdir)
+  assert "Resumed pre-training from step 3." in caplog.text
+  assert "Resumed MiSLAS stage 2 from step 3." in caplog.text
   for sub in ("stage1", "stage2", ""):
     step_a, a = _restore(os.path.join(full_dir, sub, "checkpoints"))
     step_b, b = _restore(os.path.join(workdir, sub, "checkpoints"))
@@ -231,22 +236,29 @@ def test_each_stage_resumes_bit_identically(uninterrupted, stage, tmp_path, monk
     jax.tree.map(np.testing.assert_array_equal, a["batch_stats"], b["batch_stats"])
 
 
-def test_shift_bn_reestimates_statistics_only(tmp_path):
-  config = _config()
-  with config.unlocked():
-    config.pretrain.mislas.shift_bn = True
-    config.pretrain.mislas.stage1_epochs = 1
-    config.pretrain.mislas.warmup_epochs = 0
-    config.pretrain.mislas.decay_epochs = ()
-  workdir = str(tmp_path)
-  train.train_and_evaluate(config, workdir)
-  _, stage1 = _restore(os.path.join(workdir, "stage1", "checkpoints"))
-  _, final = _restore(os.path.join(workdir, "checkpoints"))
-  jax.tree.map(np.testing.assert_array_equal, final["params"]["backbone"],
-               stage1["params"]["backbone"])
-  moved = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b),
-                                       final["batch_stats"], stage1["batch_stats"]))
-  assert all(moved)
+def test_shift_bn_reestimates_statistics_only():
+  model = models.get("cnn_small", num_classes=3, width=4)
+  stage1 = train_state.create(model, jax.random.key(0), (8, 8, 1), optax.sgd(0.1))
+  variables = {"params": stage1.params, "batch_stats": stage1.batch_stats}
+  tx = mislas.stage2_optimizer(lambda c: 0.1, head_lr_factor=0.5, momentum=0.9,
+                               weight_decay=2e-4)
+  state = mislas.make_stage2_state(model, variables, tx)
+  rng = np.random.default_rng(4)
+  batch = {"images": rng.integers(0, 256, size=(6, 8, 8, 1), dtype=np.uint8),
+           "labels": np.array([0, 1, 2, 2, 1, 0], np.int32), "index": np.arange(6)}
+  to_float = lambda x, keys: x.astype(jnp.float32) / 255.0
+  stacked = jax.tree.map(lambda x: jnp.asarray(x)[None], (state, batch))
+  for shift_bn in (True, False):
+    body = lambda st, bt: mislas.stage2_step(
+        st, bt, jax.random.key(1), preprocess_fn=to_float,
+        smoothing=jnp.array([0.3, 0.1, 0.0]), shift_bn=shift_bn)
+    new, metrics = jax.jit(jax.vmap(body, axis_name="batch"))(*stacked)
+    assert np.isfinite(metrics["loss"][0])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[0], b), new.frozen, state.frozen)
+    same_stats = jax.tree.leaves(jax.tree.map(
+        lambda a, b: np.array_equal(a[0], b), new.batch_stats, state.batch_stats))
+    assert all(same_stats) != shift_bn  # Re-estimated with shift_bn, untouched without.
+    assert not np.array_equal(new.params["lws_scale"][0], state.params["lws_scale"])
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -261,3 +273,39 @@ def test_mislas_config_errors_name_the_field(field, value, match):
     config.pretrain.mislas[field] = value
   with pytest.raises(train.ConfigError, match=match):
     train.validate(config)
+
+
+def test_mislas_variants_carry_the_release_yamls():
+  from selmix_jax.configs import cifar10_lt_cpu, cifar10_lt_sup, cifar100_lt_sup, imagenet_lt_sup
+
+  def check(module, arg):
+    config = module.get_config(arg)
+    try:
+      train.validate(config)
+    except train.ConfigPathError:
+      pass  # The data zip / a checkpoint may be absent here.
+    return config
+
+  c10 = check(cifar10_lt_sup, "pretrain,mislas")
+  m = c10.pretrain.mislas
+  assert c10.pretrain.method == "mislas" and c10.mode == "pretrain"
+  assert (c10.pretrain.batch_size, c10.pretrain.learning_rate, c10.pretrain.weight_decay) == (
+      128, 0.1, 2e-4)
+  assert (m.stage1_epochs, m.alpha, m.schedule, m.warmup_epochs, tuple(m.decay_epochs)) == (
+      200, 1.0, "step", 5, (160, 180))
+  assert (m.stage2_epochs, m.smooth_head, m.smooth_tail, m.shift_bn, m.head_lr_factor) == (
+      10, 0.3, 0.0, False, 0.5)
+  c100 = check(cifar100_lt_sup, "pretrain,mislas").pretrain.mislas
+  assert (c100.smooth_head, c100.smooth_tail, c100.shift_bn, c100.head_lr_factor) == (
+      0.4, 0.1, True, 0.2)
+  inet = check(imagenet_lt_sup, "pretrain,mislas")
+  mi = inet.pretrain.mislas
+  assert (inet.pretrain.batch_size, inet.pretrain.learning_rate, inet.pretrain.weight_decay) == (
+      256, 0.1, 5e-4)
+  assert (mi.stage1_epochs, mi.alpha, mi.schedule, mi.shift_bn, mi.head_lr_factor) == (
+      180, 0.2, "cosine", True, 0.05)
+  cpu = check(cifar10_lt_cpu, "min_recall,mislas")
+  assert cpu.model.name == "resnet32" and cpu.mode == "selmix"
+  assert check(cifar10_lt_sup, "pretrain").pretrain.method == "supervised"  # LA-CE stays default
+  with pytest.raises(ValueError, match="'<variant>,mislas'"):
+    cifar10_lt_sup.get_config("pretrain,mixup")
