@@ -446,8 +446,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets, *, stage1) ->
     `{'val', 'test', 'steps', 'wall_time_s', 'stages'}` of the final model; `stages` holds each
     stage's steps and wall time (and stage 1's own val/test metrics).
   """
-  ds = datasets
+  ds, m = datasets, config.pretrain.mislas
   s1_config = stage1_config(config, len(ds.labeled))
+  spe = steps_per_epoch(len(ds.labeled), config.pretrain.batch_size)
+  logging.info(
+      "MiSLAS: %d labeled examples, %d steps an epoch; stage 1 %d epochs = %d steps, stage 2 %d "
+      "epochs = %d steps (config.pretrain.num_steps is not used).", len(ds.labeled), spe,
+      m.stage1_epochs, s1_config.pretrain.num_steps, m.stage2_epochs, m.stage2_epochs * spe,
+  )
   s1 = stage1(s1_config, os.path.join(workdir, STAGE1_DIR), ds)
   logging.info("MiSLAS stage 1 done (%d steps); stage 2 starts.", s1["steps"])
   s2, evaluate, state_repl = _stage2(config, workdir, ds)

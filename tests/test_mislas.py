@@ -259,6 +259,8 @@ def test_shift_bn_reestimates_statistics_only():
         lambda a, b: np.array_equal(a[0], b), new.batch_stats, state.batch_stats))
     assert all(same_stats) != shift_bn  # Re-estimated with shift_bn, untouched without.
     assert not np.array_equal(new.params["lws_scale"][0], state.params["lws_scale"])
+    assert not np.array_equal(new.params["head"]["kernel"][0], state.params["head"]["kernel"])
+    assert int(new.step[0]) == 1
 
 
 @pytest.mark.parametrize("field,value,match", [
