@@ -356,8 +356,22 @@ def stage2_step(
 # ------------------------------------------------------------------------ class-balanced batches
 
 
+def class_members(labels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+  """The classes present in `labels` [n] (sorted) and the positions of each one's examples."""
+  labels = np.asarray(labels)
+  order = np.argsort(labels, kind="stable")
+  classes, starts = np.unique(labels[order], return_index=True)
+  return classes, np.split(order, starts[1:])
+
+
 def class_balanced_positions(
-    labels: np.ndarray, batch_size: int, *, seed: int, step: int, samples_per_class: int = 4
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    step: int,
+    samples_per_class: int = 4,
+    members: tuple[np.ndarray, list[np.ndarray]] | None = None,
 ) -> np.ndarray:
   """Positions [batch_size] into `labels` of batch `step` of their `ClassAwareSampler` stream.
 
@@ -366,31 +380,30 @@ def class_balanced_positions(
   the class's examples in a fresh random order each time round. Every cycle of
   `C x samples_per_class` draws thus holds each class equally often. Computed statelessly from
   `(seed, step)` (the permutations are seeded by their cycle numbers), so a resumed run draws
-  the same batches.
+  the same batches. `members`: `class_members(labels)`, if already computed.
   """
-  labels = np.asarray(labels)
-  classes = np.unique(labels)
-  members = {int(k): np.flatnonzero(labels == k) for k in classes}
+  classes, groups = class_members(labels) if members is None else members
   spc = int(samples_per_class)
   draw = np.arange(step * batch_size, (step + 1) * batch_size, dtype=np.int64)
   visit, within_visit = np.divmod(draw, spc)
   cycle, slot = np.divmod(visit, len(classes))
-  cls = np.empty_like(draw)
+  which = np.empty_like(draw)  # Index into `classes` of each draw's class.
   for c in np.unique(cycle):
-    order = classes[np.random.default_rng([seed, 0, int(c)]).permutation(len(classes))]
-    cls[cycle == c] = order[slot[cycle == c]]
+    order = np.random.default_rng([seed, 0, int(c)]).permutation(len(classes))
+    which[cycle == c] = order[slot[cycle == c]]
   # A class's j-th visit is in cycle j: its stream position is cycle * spc + within_visit.
   position = cycle * spc + within_visit
   out = np.empty_like(draw)
-  for k in np.unique(cls):
-    at = cls == k
-    n_k = len(members[int(k)])
-    lap, offset = np.divmod(position[at], n_k)
+  for k in np.unique(which):
+    at = which == k
+    group = groups[int(k)]
+    lap, offset = np.divmod(position[at], len(group))
     picks = np.empty(len(lap), np.int64)
     for r in np.unique(lap):
-      order = np.random.default_rng([seed, 1, int(k), int(r)]).permutation(n_k)
+      label = int(classes[k])
+      order = np.random.default_rng([seed, 1, label, int(r)]).permutation(len(group))
       picks[lap == r] = order[offset[lap == r]]
-    out[at] = members[int(k)][picks]
+    out[at] = group[picks]
   return out
 
 
@@ -403,6 +416,11 @@ class ClassBalancedBatches:
   seed: int
   layout: pipeline.Layout
   samples_per_class: int = 4
+  members: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+  def __post_init__(self):
+    if self.members is None:  # Once, not per step (ImageNet-LT: 115,846 labels).
+      object.__setattr__(self, "members", class_members(self.split.labels))
 
   @property
   def decodes(self) -> bool:
@@ -411,8 +429,8 @@ class ClassBalancedBatches:
 
   def __call__(self, step: int) -> pipeline.Batch:
     picks = class_balanced_positions(
-        self.split.labels, self.batch_size, seed=self.seed, step=step,
-        samples_per_class=self.samples_per_class,
+        None, self.batch_size, seed=self.seed, step=step,
+        samples_per_class=self.samples_per_class, members=self.members,
     )
     local = self.split.indices[self.layout.share(picks)]
     return pipeline.train_batch(self.split.source, local, num_devices=self.layout.num_devices)
