@@ -311,3 +311,27 @@ def test_mislas_variants_carry_the_release_yamls():
   assert check(cifar10_lt_sup, "pretrain").pretrain.method == "supervised"  # LA-CE stays default
   with pytest.raises(ValueError, match="'<variant>,mislas'"):
     cifar10_lt_sup.get_config("pretrain,mixup")
+
+
+def test_optimizers_decay_every_parameter_with_their_rates():
+  from selmix_jax import optim
+
+  params = {"backbone": {"bn": {"scale": jnp.full(2, 2.0), "bias": jnp.ones(2)}},
+            "head": {"kernel": jnp.ones((2, 3)), "bias": jnp.full(3, 3.0)}}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  tx = optim.make_pretrain_optimizer(learning_rate=0.1, nesterov=False, weight_decay=0.01,
+                                     decay_all=True)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  jax.tree.map(lambda u, p: np.testing.assert_allclose(u, -0.1 * 0.01 * p, rtol=1e-6),
+               updates, params)  # Decay on BatchNorm and bias leaves too, as torch's SGD.
+  stage2 = {"head": params["head"], "lws_scale": jnp.full(3, 1.5)}
+  tx2 = mislas.stage2_optimizer(lambda c: 0.1, head_lr_factor=0.5, momentum=0.9,
+                                weight_decay=0.01)
+  grads = jax.tree.map(jnp.ones_like, stage2)
+  updates, opt = tx2.update(grads, tx2.init(stage2), stage2)
+  np.testing.assert_allclose(updates["lws_scale"], -0.1 * (1 + 0.01 * 1.5), rtol=1e-6)
+  np.testing.assert_allclose(updates["head"]["bias"], -0.05 * (1 + 0.01 * 3.0), rtol=1e-6)
+  np.testing.assert_allclose(updates["head"]["kernel"], -0.05 * (1 + 0.01), rtol=1e-6)
+  # Momentum 0.9 (torch form: buf = 0.9 buf + g, step lr * buf) on a second identical step.
+  updates, _ = tx2.update(grads, opt, stage2)
+  np.testing.assert_allclose(updates["lws_scale"], -0.1 * 1.9 * (1 + 0.01 * 1.5), rtol=1e-6)
