@@ -60,11 +60,21 @@ PAPER = {
   "selmix.checkpoint_every": 2_500,
 }
 # Pre-training methods (`--pretrain`): overrides of the fields above.
+# MiSLAS (Zhong et al. 2021) is the config variant's `,mislas` suffix (their CIFAR-10-LT yaml:
+# ResNet-32, 200 epochs of mixup, then 10 of label-aware smoothing + LWS; `pretrain.num_steps`
+# is not used); LA-CE is the config's own pre-training with the budget above.
 PRETRAIN = {
   "lace": {"pretrain.method": "supervised"},
-  "mislas": {"pretrain.method": "mislas"},  # MiSLAS (Zhong et al. 2021): mixup, then cRT + LAS
+  "mislas": {},
 }
-SMOKE_PRETRAIN = {}
+SMOKE_PRETRAIN = {
+  "mislas": {
+    "pretrain.mislas.stage1_epochs": 1,
+    "pretrain.mislas.warmup_epochs": 0,
+    "pretrain.mislas.decay_epochs": (),
+    "pretrain.mislas.stage2_epochs": 1,
+  },
+}
 # Named extras of a variant, `min_recall@max_gain`: a run of that variant with these overrides.
 EXTRAS = {
   "max_gain": {"selmix.temperature_scale": "max_gain"},
@@ -108,12 +118,14 @@ def _import_configs():
   return configs
 
 
-def make_config(variant: str, *, data: str, overrides: dict, seed: int = 0, init: str = ""):
-  """configs/cifar10_lt_cpu.py's `variant` with `overrides` ('section.field' or 'field')."""
+def make_config(variant: str, *, data: str, overrides: dict, seed: int = 0, init: str = "",
+                pretrain: str = "lace"):
+  """configs/cifar10_lt_cpu.py's `variant` (`,mislas` added for `pretrain='mislas'`) with
+  `overrides` ('section.field' or 'field')."""
   _import_configs()
   from selmix_jax.configs import cifar10_lt_cpu  # pylint: disable=g-import-not-at-top
 
-  config = cifar10_lt_cpu.get_config(variant)
+  config = cifar10_lt_cpu.get_config(variant + (",mislas" if pretrain == "mislas" else ""))
   with config.unlocked():
     config.data.root = data
     config.seed = seed
@@ -145,6 +157,9 @@ def write_smoke_data(path: pathlib.Path, *, train: int = 40, test: int = 6) -> N
           archive.writestr(f"cifar10-jpeg/{split}/class{k}/{i:04d}.jpg", data.getvalue())
 
 
+PRETRAIN_METHOD = ["mislas"]  # set from --pretrain in main
+
+
 def _show_progress() -> None:
   """absl INFO lines (each stage's steps/s and ETA) on stderr, as under `app.run`."""
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -167,6 +182,7 @@ def _workdir(runs: pathlib.Path, seed: int, name: str) -> pathlib.Path:
 
 
 def _run_one(runs, data, overrides, variant_name, workdir, **kwargs):
+  kwargs.setdefault("pretrain", PRETRAIN_METHOD[0])
   from selmix_jax import train  # pylint: disable=g-import-not-at-top
 
   start = time.time()
@@ -191,7 +207,7 @@ def _run_many(runs, data, overrides, todo, init):
   for seed, name in todo:
     variant, extra = _variant_spec(name)
     configs.append(make_config(variant, data=data, overrides={**overrides, **extra}, seed=seed,
-                               init=init))
+                               init=init, pretrain=PRETRAIN_METHOD[0]))
     workdirs.append(_workdir(runs, seed, name))
   print(f"== {len(todo)} runs in one program: {todo}", flush=True)
   finetune.run_many(configs, workdirs, data_lib.build(configs[0].data))
@@ -282,6 +298,7 @@ def main():
   parser.add_argument("--smoke", action="store_true")
   args = parser.parse_args()
   started = time.time()
+  PRETRAIN_METHOD[0] = args.pretrain
   runs = pathlib.Path(args.runs)
   runs.mkdir(parents=True, exist_ok=True)
   overrides = {**(SMOKE if args.smoke else PAPER), **PRETRAIN[args.pretrain]}
