@@ -47,9 +47,10 @@ trap pack EXIT
 table() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-  # 3 seeds x (5 objectives + 2 controls), 7 runs at a time on the one GPU.
+  # 3 seeds x (5 objectives + 2 controls): JOBS processes at a time on the one GPU, each one run
+  # (or, with TOGETHER=1, a group of runs in one program: finetune.run_many).
   python3 benchmarks/gpu_cifar10_lt.py "$runs" --data .data/cifar10-jpeg.zip --pretrain "${PRETRAIN:-mislas}" \
-    --seeds 0 1 2 --jobs "${JOBS:-7}" --deadline "$(( $(left) - ${RUN_MARGIN:-150} ))" \
+    --seeds 0 1 2 --jobs "${JOBS:-3}" ${TOGETHER:+--together} --deadline "$(( $(left) - ${RUN_MARGIN:-150} ))" \
     --report_every 45 "${smoke[@]}"
   python3 benchmarks/cifar10_lt_table.py "$runs" | tee "$OUT/table_test.md"
   python3 benchmarks/cifar10_lt_table.py --split=val "$runs" > "$OUT/table_val.md"
