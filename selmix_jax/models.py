@@ -313,6 +313,31 @@ class SmallCNN(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
+# Identity backbone: a linear classifier over precomputed features.
+
+
+class Identity(nn.Module):
+  """The input as its own features: `[B, D]` (or `[B, ...]`, flattened) -> float32 `[B, D]`.
+
+  With it, `Classifier` is a linear head over feature vectors (`data.name='features'`); no
+  parameters and no BatchNorm, so `params = {'head': ...}`. `bn_axis_name` and `dtype` exist so
+  it takes the options every backbone takes; the features stay float32.
+  """
+
+  bn_axis_name: str | None = None
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    del train
+    return x.reshape(x.shape[0], -1).astype(jnp.float32)
+
+
+def _linear(*, num_classes, **kwargs):
+  return Classifier(backbone=Identity(**kwargs), num_classes=num_classes)
+
+
+# ----------------------------------------------------------------------------------------
 # Registry.
 
 
@@ -345,6 +370,7 @@ _REGISTRY: dict[str, Callable[..., Classifier]] = {
     "resnet32": functools.partial(_cifar_resnet, blocks_per_stage=5),
     "resnet50": _resnet50,
     "cnn_small": _cnn_small,
+    "linear": _linear,
 }
 
 

@@ -205,6 +205,20 @@ def _validate_data(cfg: ml_collections.ConfigDict) -> None:
         f"config.data.{unknown[0]} is not a data field; known: {', '.join(sorted(known))}."
     )
   _check_ranges(cfg, "config.data", _DATA_RANGES)
+  if cfg.name == "features":
+    path = cfg.get("path", "")
+    if not path or not os.path.exists(os.path.expanduser(path)):
+      raise FileNotFoundError(
+          f"config.data.path={path!r} does not exist; 'features' needs an .npz or a folder of "
+          ".npy files ({train,val,test}_features [N, D], {train,val,test}_labels [N])."
+      )
+    if cfg.train_augment != "none":
+      raise ValueError(
+          f"config.data.train_augment={cfg.train_augment!r}: feature vectors take no image "
+          "augmentation; set it to 'none'."
+      )
+    if cfg.val_flip:
+      raise ValueError("config.data.val_flip=True: feature vectors cannot be flipped.")
   if cfg.name == "image_folder":
     root = cfg.get("root", "")
     if not root or not os.path.exists(os.path.expanduser(root)):
@@ -226,6 +240,11 @@ def _validate_pretrain(config: ml_collections.ConfigDict) -> None:
         f"config.pretrain.schedule={cfg.schedule!r}; expected one of {pretrain.SCHEDULES}."
     )
   _check_ranges(cfg, "config.pretrain", _PRETRAIN_RANGES)
+  if cfg.method == "fixmatch" and config.data.name == "features":
+    raise ValueError(
+        "config.pretrain.method='fixmatch' needs images (its strong view is RandAugment); "
+        "with config.data.name='features' use 'supervised' (CE or logit-adjusted CE)."
+    )
   if cfg.method == "mislas":
     _validate_mislas(cfg)
   if cfg.method == "fixmatch":

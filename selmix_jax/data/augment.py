@@ -91,7 +91,9 @@ def normalize(
 
 
 def to_float(images: jax.Array) -> jax.Array:
-  """uint8 in [0, 255] -> float32 in [0, 1]."""
+  """uint8 in [0, 255] -> float32 in [0, 1]; float inputs (feature vectors) pass unchanged."""
+  if jnp.issubdtype(images.dtype, jnp.floating):
+    return images
   return images.astype(jnp.float32) / 255.0
 
 
@@ -203,7 +205,8 @@ def flip_and_random_resized_crop(image: jax.Array, key: jax.Array) -> jax.Array:
   return jnp.where(jax.random.bernoulli(k_flip), pix.flip_left_right(image), image)
 
 
-CROPS = ("pad_crop", "random_resized_crop")
+# 'none': the weak view is the input itself (feature vectors; frozen-backbone head training).
+CROPS = ("pad_crop", "random_resized_crop", "none")
 
 
 def weak(image: jax.Array, key: jax.Array, *, pad: int = 4, crop: str = "pad_crop") -> jax.Array:
@@ -214,6 +217,8 @@ def weak(image: jax.Array, key: jax.Array, *, pad: int = 4, crop: str = "pad_cro
   """
   if crop == "random_resized_crop":
     return flip_and_random_resized_crop(image, key)
+  if crop == "none":
+    return image
   if crop != "pad_crop":
     raise ValueError(f"Unknown crop {crop!r}; expected one of {CROPS}.")
   return flip_and_crop(image, key, pad=pad)

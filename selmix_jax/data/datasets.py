@@ -20,6 +20,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from selmix_jax.data import features
 from selmix_jax.data import sources
 
 Loader = Callable[[Any, str], Any]
@@ -37,7 +38,8 @@ class DatasetSpec:
     std: per-channel standard deviation; None = computed on the training source.
     test_split: split name of the test set when `config.data.test_split` is None.
     val_split: split of the validation set when `config.data.val_split` is None; None = a
-      balanced set held out of the training split (SPEC §8).
+      balanced set held out of the training split (SPEC §8); or a callable
+      `(data_config) -> split or None` when that depends on the files (e.g. 'features').
     unlabeled_split: split of the unlabeled pool when `config.data.unlabeled_split` is None;
       None = drawn from the training split after validation and labeled.
   """
@@ -47,7 +49,7 @@ class DatasetSpec:
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
   test_split: str = "test"
-  val_split: str | None = None
+  val_split: str | Callable[[Any], str | None] | None = None
   unlabeled_split: str | None = None
 
 
@@ -127,6 +129,15 @@ def _tfds_streaming(name):
   return load
 
 
+def _features(config, split):
+  return features.load(config.path, split)
+
+
+def _features_val_split(config):
+  # The file's own 'val' split when it has one, else a balanced set held out of 'train'.
+  return "val" if features.has_split(config.path, "val") else None
+
+
 for _entry in (
   DatasetSpec("digits", _digits),
   DatasetSpec("image_folder", _image_folder),
@@ -154,5 +165,7 @@ for _entry in (
   DatasetSpec(
     "imagenet_lt", _tfds_streaming("imagenet_lt"), *_IMAGENET_STATS, val_split="validation"
   ),
+  # Feature vectors are used as they are: mean 0 and std 1 leave them unchanged.
+  DatasetSpec("features", _features, (0.0,), (1.0,), val_split=_features_val_split),
 ):
   register(_entry)

@@ -81,7 +81,8 @@ def _check_divisible(batch_size: int, num_devices: int, process_count: int) -> i
 
 def _assemble(source: Source, index: np.ndarray, mask: np.ndarray, num_devices: int) -> Batch:
   """Gathers the images of `index[mask]` and reshapes everything to [D, b, ...]."""
-  images = np.zeros((len(index),) + tuple(source.image_shape), np.uint8)
+  dtype = getattr(source, "dtype", np.uint8)  # float32 for `features.FeatureSource`.
+  images = np.zeros((len(index),) + tuple(source.image_shape), dtype)
   labels = np.zeros(len(index), np.int32)
   if mask.any():
     images[mask] = source.get_images(index[mask])
@@ -408,6 +409,7 @@ def default_config() -> ml_collections.ConfigDict:
     {
       "name": "digits",
       "root": "",
+      "path": "",
       "data_dir": optional(str),
       "cache_dir": optional(str),
       "train_split": "train",
@@ -442,7 +444,8 @@ def _resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   full.update(dict(config))  # Unknown fields raise a KeyError naming them.
   entry = datasets.get(full.name)
   full.test_split = full.test_split or entry.test_split
-  full.val_split = full.val_split or entry.val_split or full.train_split
+  entry_val = entry.val_split(full) if callable(entry.val_split) else entry.val_split
+  full.val_split = full.val_split or entry_val or full.train_split
   full.unlabeled_split = full.unlabeled_split or entry.unlabeled_split or full.train_split
   if full.cache_dir is None:
     full.cache_dir = sources.DEFAULT_CACHE_DIR
@@ -528,8 +531,9 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
 
   Config fields (defaults in `default_config()`; unknown fields raise KeyError):
     name: one of `names()`: 'digits', 'image_folder', 'cifar10', 'cifar100', 'stl10',
-      'imagenet2012', 'imagenet100', 'imagenet_lt'.
+      'imagenet2012', 'imagenet100', 'imagenet_lt', 'features'.
     root: image_folder only: a folder or .zip with `<split>/<class>/*.jpg`.
+    path: features only: an .npz or a folder of .npy files of feature vectors (`features`).
     data_dir: TFDS data directory (None = TFDS default).
     cache_dir: cache of decoded image folders and ImageNet label lists; None =
       `~/.cache/selmix_jax`, '' = no cache.
