@@ -57,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.selmix.batch_size = 64
   config.selmix.learning_rate = 3e-4
   config.selmix.backbone_lr_mult = 0.1
+  # False: the head only (backbone parameters and BatchNorm statistics frozen; features use the
+  # running statistics). With config.data.train_augment='none' the features are computed once.
+  config.selmix.train_backbone = True
   config.selmix.weight_decay = 5e-4
   config.selmix.mix_weight_min = 0.6
   # BatchNorm in the training step: 'batch' (each pass's own statistics, SPEC §6) or 'running'.

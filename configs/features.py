@@ -62,7 +62,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.selmix.num_steps = 300
   config.selmix.batch_size = 256
   config.selmix.learning_rate = 1e-2
+  # A refresh is a validation pass (N_val x D x K multiply-adds) plus G at K^2 (41 ms at K = 1000,
+  # D = 2048, benchmarks/gain_bench.py); 30 steps of 256 cost ~8x that validation pass at
+  # N_val = 10 K, so refreshes take ~1/4 of the run at K = 1000 and P is never more than 30
+  # small head steps stale. (Images use 10: there a step moves the backbone too.)
   config.selmix.refresh_every = 30
+  # Gains scale with K and the feature norm: at K = 1000 the largest was ~5e-4, where T = 0.1
+  # absolute leaves P uniform (uniform mixup); T relative to the largest gain concentrates it
+  # (~3k effective pairs of 10^6) at any scale.
+  config.selmix.temperature_scale = "max_gain"
   config.selmix.log_every = 50
   config.selmix.eval_every = 0
   config.selmix.checkpoint_every = 0

@@ -124,7 +124,8 @@ class _Run:
                 "weak", mean=ds.mean, std=ds.std, crop=config.data.train_augment
             ),
             mix_weight_min=cfg.mix_weight_min,
-            bn_stats=cfg.bn_stats,
+            # A frozen backbone computes its features as evaluation does (running statistics).
+            bn_stats=cfg.bn_stats if cfg.get("train_backbone", True) else "running",
             axis_name="batch",
         ),
         axis_name="batch", in_axes=(0, 0, None), donate_argnums=(0,),
@@ -340,6 +341,7 @@ def _pretrained_state(config, model, ds, schedule) -> tuple[train_state.TrainSta
       learning_rate=schedule,
       backbone_lr_mult=cfg.backbone_lr_mult,
       weight_decay=cfg.weight_decay,
+      train_backbone=cfg.get("train_backbone", True),
   )
   return train_state.from_variables(model, variables, tx), pre_step
 

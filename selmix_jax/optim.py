@@ -88,6 +88,7 @@ def make_selmix_optimizer(
     learning_rate: optax.ScalarOrSchedule,
     backbone_lr_mult: float = 0.1,
     weight_decay: float = 5e-4,
+    train_backbone: bool = True,
 ) -> optax.GradientTransformation:
   """SelMix fine-tuning optimiser (SPEC section 6): plain SGD with parameter groups.
 
@@ -100,14 +101,19 @@ def make_selmix_optimizer(
     learning_rate: float or schedule for the head.
     backbone_lr_mult: backbone learning rate relative to the head's.
     weight_decay: L2 coefficient on kernels.
+    train_backbone: False = the head only: the 'backbone' group gets zero updates too (the
+      authors' `freeze_backbone`), so its parameters stay bit-identical.
   """
   labels = selmix_param_labels(params)
+  backbone = optax.sgd(_scaled(learning_rate, backbone_lr_mult))
+  if not train_backbone:
+    backbone = optax.set_to_zero()
   return optax.chain(
       optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
       optax.multi_transform(
           {
               HEAD: optax.sgd(learning_rate),
-              BACKBONE: optax.sgd(_scaled(learning_rate, backbone_lr_mult)),
+              BACKBONE: backbone,
               FROZEN: optax.set_to_zero(),
           },
           labels,

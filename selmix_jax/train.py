@@ -311,6 +311,10 @@ def _validate_selmix(config: ml_collections.ConfigDict) -> None:
   pipeline.check_global_batch(cfg.batch_size, field="config.selmix.batch_size")
   pairs.get(cfg.pairs)
   _check_ranges(cfg, "config.selmix", _SELMIX_RANGES)
+  if not isinstance(cfg.get("train_backbone", True), bool):
+    raise ValueError(
+        f"config.selmix.train_backbone={cfg.train_backbone!r}: must be True or False."
+    )
   if cfg.gain_form not in gains.FORMS:
     raise ValueError(f"config.selmix.gain_form={cfg.gain_form!r}; expected one of {gains.FORMS}.")
   if cfg.partner_pool not in ("labeled", "unlabeled"):

@@ -183,3 +183,29 @@ def test_bad_npy_folder_names_the_file(tmp_path):
     np.save(tmp_path / f"{k}.npy", v)
   with pytest.raises(ValueError, match="test_features.npy: 1 row"):
     data.build(_data_config(tmp_path))
+
+
+def test_train_backbone_false_leaves_backbone_and_batchnorm_bit_identical(tmp_path):
+  from selmix_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from selmix_jax.configs import default  # pylint: disable=g-import-not-at-top
+
+  config = default.get_config("tiny")
+  config.selmix.train_backbone = False
+  config.selmix.use_ema = False
+  config.selmix.learning_rate = 0.1  # Large steps: a leak into the backbone could not hide.
+  train.train_and_evaluate(config, str(tmp_path))
+  before, _ = checkpointing.load_pretrained(str(tmp_path / "pretrain" / "checkpoints"))
+  after, _ = checkpointing.load_pretrained(str(tmp_path / "selmix" / "checkpoints"))
+  before, after = before["state"], after["state"]
+  flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(v)  # noqa: E731
+                       for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+  pre_backbone, post_backbone = flat(before["params"]["backbone"]), flat(after["params"]["backbone"])
+  assert pre_backbone.keys() == post_backbone.keys() and len(pre_backbone) > 5
+  for name, value in pre_backbone.items():
+    np.testing.assert_array_equal(post_backbone[name], value, err_msg=name)
+  pre_stats, post_stats = flat(before["batch_stats"]), flat(after["batch_stats"])
+  assert pre_stats.keys() == post_stats.keys() and len(pre_stats) >= 6
+  for name, value in pre_stats.items():
+    np.testing.assert_array_equal(post_stats[name], value, err_msg=name)
+  # The head did train.
+  assert not np.array_equal(after["params"]["head"]["kernel"], before["params"]["head"]["kernel"])
