@@ -25,6 +25,7 @@ import numpy as np
 from selmix_jax import data
 from selmix_jax import errors
 from selmix_jax import finetune
+from selmix_jax import frozen
 from selmix_jax import gains
 from selmix_jax import mislas
 from selmix_jax import models
@@ -401,7 +402,8 @@ def _run(config, workdir, datasets) -> tuple[dict[str, Any], str]:
     with config.unlocked():
       config.selmix.init_checkpoint = os.path.join(pre_dir, "checkpoints")
     workdir = os.path.join(workdir, "selmix")
-  result = finetune.run(config, workdir, datasets)
+  # A frozen backbone without augmentation: its features once, then the head (`frozen`).
+  result = (frozen.run if frozen.caches(config) else finetune.run)(config, workdir, datasets)
   table = reporting.metrics_table(
       {
           "pre-trained (test)": result["before"]["test"],

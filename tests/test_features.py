@@ -209,3 +209,43 @@ def test_train_backbone_false_leaves_backbone_and_batchnorm_bit_identical(tmp_pa
     np.testing.assert_array_equal(post_stats[name], value, err_msg=name)
   # The head did train.
   assert not np.array_equal(after["params"]["head"]["kernel"], before["params"]["head"]["kernel"])
+
+
+def test_frozen_backbone_without_augmentation_trains_the_head_on_cached_features(tmp_path):
+  from selmix_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from selmix_jax.configs import default  # pylint: disable=g-import-not-at-top
+
+  config = default.get_config("tiny")
+  config.data.train_augment = "none"
+  config.selmix.train_backbone = False
+  config.selmix.use_ema = False
+  config.selmix.learning_rate = 0.1
+  result = train.train_and_evaluate(config, str(tmp_path))
+  ds = data.build(config.data)
+  cached = np.load(tmp_path / "selmix" / "features" / "features.npz")
+  # The labeled split's features, D = 2 * width 8, labels in order.
+  assert cached["train_features"].shape == (len(ds.labeled), 16)
+  np.testing.assert_array_equal(cached["train_labels"], ds.labeled.labels)
+  assert tuple(cached["class_names"]) == tuple(str(d) for d in range(10))
+  before, _ = checkpointing.load_pretrained(str(tmp_path / "pretrain" / "checkpoints"))
+  after, _ = checkpointing.load_pretrained(result["full_model_checkpoint"])
+  before, after = before["state"], after["state"]
+  for part in ("params", "batch_stats"):
+    pre, post = before[part], after[part]
+    if part == "params":
+      pre, post = pre["backbone"], post["backbone"]
+    pairs = zip(jax.tree_util.tree_leaves(pre), jax.tree_util.tree_leaves(post))
+    for a, b in pairs:
+      np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(after["params"]["head"]["kernel"], before["params"]["head"]["kernel"])
+  # The full model on the test images scores what the head did on their cached features.
+  model = models.from_config(config.model, 10)
+  from selmix_jax import frozen  # pylint: disable=g-import-not-at-top
+  feats = frozen.split_features(model, {k: after[k] for k in ("params", "batch_stats")}, ds.test,
+                                batch_size=64, mean=ds.mean, std=ds.std)
+  np.testing.assert_allclose(feats, np.load(tmp_path / "selmix" / "features" /
+                                            "features.npz")["test_features"], rtol=1e-5, atol=1e-6)
+  preds = np.argmax(feats @ after["params"]["head"]["kernel"] + after["params"]["head"]["bias"], 1)
+  labels = ds.test.labels
+  recalls = [np.mean(preds[labels == k] == k) for k in range(10)]
+  np.testing.assert_allclose(np.mean(recalls), result["after"]["test"]["mean_recall"], atol=1e-6)
