@@ -19,7 +19,8 @@ _TESTS = os.path.join(_REPO, "tests")
 
 def _library_examples():
   readme = open(os.path.join(_REPO, "README.md"), encoding="utf-8").read()
-  section = readme[readme.index("## Using the library") : readme.index("## Running experiments")]
+  start = readme.index("## Using the library")
+  section = readme[start : readme.index("\n## ", start)]
   return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
