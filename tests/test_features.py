@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from selmix_jax import data
+from selmix_jax import errors
 from selmix_jax import models
 from selmix_jax import train
 from selmix_jax.configs import features as features_config
@@ -172,6 +173,7 @@ def test_bad_feature_file_fails_with_one_line_naming_file_and_key(tmp_path, case
   with pytest.raises(ValueError, match=message) as info:
     data.build(_data_config(path))
   text = str(info.value)
+  assert isinstance(info.value, errors.DataError)  # One line on the command line, exit 2.
   assert "\n" not in text
   assert str(path) in text and key in text
 
@@ -199,7 +201,8 @@ def test_train_backbone_false_leaves_backbone_and_batchnorm_bit_identical(tmp_pa
   before, after = before["state"], after["state"]
   flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(v)  # noqa: E731
                        for p, v in jax.tree_util.tree_leaves_with_path(tree)}
-  pre_backbone, post_backbone = flat(before["params"]["backbone"]), flat(after["params"]["backbone"])
+  pre_backbone = flat(before["params"]["backbone"])
+  post_backbone = flat(after["params"]["backbone"])
   assert pre_backbone.keys() == post_backbone.keys() and len(pre_backbone) > 5
   for name, value in pre_backbone.items():
     np.testing.assert_array_equal(post_backbone[name], value, err_msg=name)

@@ -33,6 +33,8 @@ from typing import ClassVar
 
 import numpy as np
 
+from selmix_jax import errors
+
 SPLITS = ("train", "val", "test")
 
 
@@ -54,7 +56,7 @@ class FeatureSource:
 
   def __post_init__(self):
     if self.features.ndim != 2 or self.labels.shape != (len(self.features),):
-      raise ValueError(
+      raise errors.DataError(
           f"features must be [N, D] and labels [N], got {self.features.shape} and "
           f"{self.labels.shape}."
       )
@@ -85,7 +87,7 @@ class _Store:
   def __init__(self, path: str):
     self.path = os.path.expanduser(path)
     if not os.path.exists(self.path):
-      raise FileNotFoundError(
+      raise errors.DataPathError(
           f"config.data.path={path!r} does not exist; 'features' needs an .npz or a folder of "
           ".npy files ({train,val,test}_features, {train,val,test}_labels)."
       )
@@ -100,7 +102,10 @@ class _Store:
         with np.load(self.path, allow_pickle=False) as z:
           self.keys = sorted(z.files)
       except Exception as e:  # A truncated or foreign file: say which.
-        raise ValueError(f"{self.path}: not a readable .npz ({type(e).__name__}: {e}).") from e
+        raise errors.DataError(
+            f"{self.path}: "
+            f"not a readable .npz ({type(e).__name__}: {e})."
+        ) from e
 
   def where(self, key: str) -> str:
     if self.is_folder:
@@ -113,7 +118,7 @@ class _Store:
 
   def get(self, key: str) -> np.ndarray:
     if not self.has(key):
-      raise ValueError(
+      raise errors.DataError(
           f"{self.path}: no key {key!r} (has {', '.join(self.keys) or 'nothing'}); expected "
           "{split}_features [N, D] and {split}_labels [N] for 'train' and 'test' ('val' optional)."
       )
@@ -126,7 +131,10 @@ class _Store:
       with np.load(self.path, allow_pickle=False) as z:
         return z[key]
     except ValueError as e:  # Object arrays need pickle: refused, as for any untrusted file.
-      raise ValueError(f"{self.where(key)}: cannot read ({e}); store plain numeric arrays.") from e
+      raise errors.DataError(
+          f"{self.where(key)}: "
+          f"cannot read ({e}); store plain numeric arrays."
+      ) from e
 
 
 def has_split(path: str, split: str) -> bool:
@@ -142,7 +150,10 @@ def _class_names(store: _Store, train_labels: np.ndarray) -> tuple[str, ...]:
     return tuple(f"class_{i}" for i in range(k))
   names = store.get(key)
   if names.ndim != 1 or not len(names):
-    raise ValueError(f"{store.where(key)}: class names must be [K] with K >= 1, got {names.shape}.")
+    raise errors.DataError(
+        f"{store.where(key)}: "
+        f"class names must be [K] with K >= 1, got {names.shape}."
+    )
   return tuple(str(n) for n in names)
 
 
@@ -151,20 +162,23 @@ def _labels(store: _Store, split: str, n: int, num_classes: int | None) -> np.nd
   labels = store.get(key)
   where = store.where(key)
   if labels.ndim != 1:
-    raise ValueError(f"{where}: labels must be [N], got shape {labels.shape}.")
+    raise errors.DataError(f"{where}: labels must be [N], got shape {labels.shape}.")
   if len(labels) != n:
-    raise ValueError(
+    raise errors.DataError(
         f"{where}: {len(labels)} labels, but {store.where(f'{split}_features')} has {n} rows."
     )
   if labels.dtype.kind not in "iu":
-    raise ValueError(
+    raise errors.DataError(
         f"{where}: labels must be integers (class ids), got dtype {labels.dtype}"
         + (f" (e.g. {labels[0]!r})" if len(labels) else "") + "."
     )
   if len(labels) and labels.min() < 0:
-    raise ValueError(f"{where}: label {int(labels.min())} is negative; expected class ids >= 0.")
+    raise errors.DataError(
+        f"{where}: "
+        f"label {int(labels.min())} is negative; expected class ids >= 0."
+    )
   if num_classes is not None and len(labels) and labels.max() >= num_classes:
-    raise ValueError(
+    raise errors.DataError(
         f"{where}: label {int(labels.max())} is out of range for {num_classes} classes "
         "(class_names, or the training labels, give K)."
     )
@@ -176,18 +190,21 @@ def _features(store: _Store, split: str, dim: int | None) -> np.ndarray:
   features = store.get(key)
   where = store.where(key)
   if features.ndim != 2 or not features.shape[0]:
-    raise ValueError(f"{where}: features must be [N, D] with N >= 1, got shape {features.shape}.")
+    raise errors.DataError(
+        f"{where}: "
+        f"features must be [N, D] with N >= 1, got shape {features.shape}."
+    )
   if features.dtype.kind not in "fiu":
-    raise ValueError(f"{where}: features must be real numbers, got dtype {features.dtype}.")
+    raise errors.DataError(f"{where}: features must be real numbers, got dtype {features.dtype}.")
   if dim is not None and features.shape[1] != dim:
-    raise ValueError(
+    raise errors.DataError(
         f"{where}: D = {features.shape[1]}, but {store.where('train_features')} has D = {dim}."
     )
   features = np.asarray(features, np.float32)
   bad = ~np.isfinite(features).all(axis=1)
   if bad.any():
     row = int(np.flatnonzero(bad)[0])
-    raise ValueError(
+    raise errors.DataError(
         f"{where}: {int(bad.sum())} row(s) hold NaN or inf (first: row {row}); features must be "
         "finite."
     )
@@ -202,15 +219,15 @@ def load(path: str, split: str) -> FeatureSource:
   version (the other splits' checks need it).
 
   Raises:
-    FileNotFoundError: `path` does not exist.
-    ValueError: one line naming the file and key (see the module docstring).
+    errors.DataPathError: (a FileNotFoundError) `path` does not exist.
+    errors.DataError: (a ValueError) one line naming the file and key (module docstring).
   """
   store = _Store(path)
   train = _train(store.path, os.stat(store.path).st_mtime_ns)
   if split == "train":
     return train
   if split not in SPLITS:
-    raise ValueError(f"{store.path}: unknown split {split!r}; expected one of {SPLITS}.")
+    raise errors.DataError(f"{store.path}: unknown split {split!r}; expected one of {SPLITS}.")
   features = _features(store, split, train.image_shape[0])
   labels = _labels(store, split, len(features), train.num_classes)
   return FeatureSource(features, labels, train.class_names)
@@ -229,7 +246,7 @@ def _train(path: str, mtime_ns: int) -> FeatureSource:
   counts = np.bincount(labels, minlength=len(names))
   if (counts == 0).any():
     k = int(np.flatnonzero(counts == 0)[0])
-    raise ValueError(
+    raise errors.DataError(
         f"{store.where('train_labels')}: class {names[k]!r} (id {k}) has no training example "
         f"({int((counts == 0).sum())} of {len(names)} classes absent); every class needs one."
     )
