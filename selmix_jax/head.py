@@ -22,16 +22,17 @@ which with `mix_weight_min=1` is plain CE fine-tuning).
 Why a separate implementation, not `train.train_and_evaluate` on a features data set
 (`data.name='features'`, which runs the general trainer and is what `configs/features.py` uses):
 the general trainer is built for images — host-side batch assembly, a `loader.Feed` thread,
-`pmap`, Orbax checkpoints, a workdir, evaluation passes in batches — and a linear-head step costs
-well under a millisecond of that overhead's worth of compute at small D and K. Here everything
-lives on the device: features and labels are device arrays, a refresh interval is ONE jitted
-`lax.scan` (pair sampling from P by inverse CDF, gather, mix, SGD), and only the [K, K] P and a
-few scalars cross to the host per refresh. Measured on the project's 2-core CPU (shared with
-other jobs), K = 1,000, D = 2,048, 100k vectors, the features config's schedule (600 + 300
-steps of 256): see `benchmarks/README.md` ("Frozen features at K = 1,000") for both paths. What
-is shared with the trainer is everything but the loop: the objectives, `selmix_state`'s refresh
-(gains and P), `optim`'s optimisers and `confusion`'s counts. No checkpointing: a head-only run
-takes seconds; for resumable runs, plots and tables use the features config.
+`pmap`, Orbax checkpoints, a workdir, evaluation passes in batches — and for a linear head that
+machinery costs about as much CPU as the matmuls. Here everything lives on the device: features
+and labels are device arrays, a refresh interval is ONE jitted `lax.scan` (pair sampling from P
+by inverse CDF, gather, mix, SGD), and only the [K, K] P and a few scalars cross to the host per
+refresh. Measured at K = 1,000, D = 2,048, 100k vectors with the features config's schedule
+(600 + 300 steps of 256) on the project's shared 2-core CPU: 40 s of CPU time here against 76 s
+for the config path (`benchmarks/features_k1000.py`; benchmarks/README.md, "Frozen features at
+K = 1,000"). The general trainer stays the path for runs that need resuming, plots and tables;
+this is the path for a library call. What is shared with the trainer is everything but the loop:
+the objectives, `selmix_state`'s refresh (gains and P), `optim`'s optimisers and `confusion`'s
+counts. No checkpointing: a head-only run takes seconds to a minute.
 """
 
 from __future__ import annotations
