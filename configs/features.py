@@ -23,10 +23,10 @@ or fine-tune from one pre-training with each objective and the two controls:
   # controls: `:plain_ft` (CE fine-tuning of the head), `:uniform_mixup` (P uniform)
   python benchmarks/cifar10_lt_table.py runs/feats
 
-K = 1,000 classes, D = 2,048, 100k training vectors: pre-training plus this SelMix run took 76 s
-of CPU time on the project's 2-core AMD EPYC (466 s wall while 6 other jobs shared it; not
-measured idle): `python benchmarks/features_k1000.py`, numbers in benchmarks/README.md.
-`selmix_jax.head.fit` runs the same schedule in 40 s of CPU time.
+K = 1,000 classes, D = 2,048, 100k training vectors: pre-training (45 s) plus this SelMix run
+(55 s) on the project's 2-core AMD EPYC while other jobs shared it (load average 5-8; 70 s of CPU
+time): `python benchmarks/features_k1000.py`, numbers in benchmarks/README.md.
+`selmix_jax.head.fit` runs the same schedule in 39 s of CPU time.
 """
 
 import ml_collections

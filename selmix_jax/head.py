@@ -27,7 +27,7 @@ machinery costs about as much CPU as the matmuls. Here everything lives on the d
 and labels are device arrays, a refresh interval is ONE jitted `lax.scan` (pair sampling from P
 by inverse CDF, gather, mix, SGD), and only the [K, K] P and a few scalars cross to the host per
 refresh. Measured at K = 1,000, D = 2,048, 100k vectors with the features config's schedule
-(600 + 300 steps of 256) on the project's shared 2-core CPU: 40 s of CPU time here against 76 s
+(600 + 300 steps of 256) on the project's shared 2-core CPU: 39 s of CPU time here against 70 s
 for the config path (`benchmarks/features_k1000.py`; benchmarks/README.md, "Frozen features at
 K = 1,000"). The general trainer stays the path for runs that need resuming, plots and tables;
 this is the path for a library call. What is shared with the trainer is everything but the loop:
