@@ -99,6 +99,43 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   return r.finish(step, stopped, before, pre_step=pre_step)
 
 
+def uniform_p_warning(gain, spread, *, temperature, temperature_scale) -> str | None:
+  """The warning for a P that mixes like uniform mixup, or None when P is concentrated.
+
+  Two different causes, with different advice: no pair has a positive gain (P is uniform over
+  all K^2 pairs by the SPEC's rule; no mixup improves the objective to first order), or the
+  positive gains are too small for the temperature (P nearly uniform over them).
+
+  Args:
+    gain: `[K, K]` gain matrix of the refresh.
+    spread: `sampling.concentration` of the refresh's P.
+    temperature: `config.selmix.temperature`.
+    temperature_scale: `config.selmix.temperature_scale`.
+  """
+  gain = np.asarray(gain)
+  positive = int(np.sum(gain > 0))
+  if positive == 0:
+    return (
+        f"No pair has a positive gain (all {gain.size} gains <= 0, the largest "
+        f"{float(gain.max()):.3g}): P is uniform over all pairs by rule and SelMix mixes like "
+        "uniform mixup until a refresh finds a positive gain; no mixup improves the objective "
+        "to first order. The temperature plays no part here. If selmix/positive_gain_pairs "
+        "stays 0, more fine-tuning steps will not help: check that the objective is the one "
+        "you mean (config.objective.name, config.objective.hparams) and whether the model "
+        "already is at its best on validation for it."
+    )
+  if spread["near_uniform"] and positive > 1:
+    return (
+        f"P is within 5% of uniform over its {positive} positive-gain pairs (max gain "
+        f"{float(gain.max()):.3g} against temperature {temperature:g}, scale "
+        f"{temperature_scale!r}): the temperature is too large for these gains, so SelMix mixes "
+        "like uniform mixup over them. A smaller config.selmix.temperature, or "
+        "config.selmix.temperature_scale='max_gain' (T relative to the largest gain), "
+        "concentrates it."
+    )
+  return None
+
+
 class _Run:
   """The mutable parts of one fine-tuning run and the loop's actions over them."""
 
@@ -233,15 +270,13 @@ class _Run:
         "P: %.1f effective pairs of %d.", step, target, float(summary["mean_recall"]),
         float(summary["min_recall"]), sel.max_gain, spread["effective_pairs"], spread["support"],
     )
-    if spread["near_uniform"] and spread["support"] > 1 and not self.warned_uniform:
+    warning = uniform_p_warning(
+        sel.gain, spread, temperature=self.cfg.temperature,
+        temperature_scale=self.cfg.temperature_scale,
+    )
+    if warning and not self.warned_uniform:
       self.warned_uniform = True
-      logging.warning(
-          "P is within 5%% of uniform over its %d positive-gain pairs (max gain %.3g against "
-          "temperature %g, scale %r): SelMix is mixing like uniform mixup here. A smaller "
-          "config.selmix.temperature, or config.selmix.temperature_scale='max_gain' (T relative "
-          "to the largest gain), concentrates it.", spread["support"], sel.max_gain,
-          self.cfg.temperature, self.cfg.temperature_scale,
-      )
+      logging.warning("%s", warning)
     if jax.process_index() == 0:
       reporting.save_refresh(self.workdir, step, {
           "step": np.asarray(step),
