@@ -17,11 +17,16 @@ runs ahead of the device and reports how fast it enqueues work).
 and before every checkpoint, and it raises `Diverged` when the training loss or any array of the
 train state is no longer finite. A non-finite state is therefore never checkpointed (the last
 good checkpoint stays the newest one) and the stage never reaches its summary.
+
+Progress shows at INFO, which absl prints only under `absl.app.run` (`launch/main.py`). A script
+with its own `main` calls `show_progress()` first to see the same lines on stderr.
 """
 
 import dataclasses
+import logging as std_logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -294,6 +299,35 @@ def _duration(seconds: float) -> str:
   return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _not_orbax_info(record: std_logging.LogRecord) -> bool:
+  """Drops Orbax's per-save INFO chatter; its warnings and errors still show."""
+  return record.levelno >= std_logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def show_progress(stream=None) -> None:
+  """Shows INFO logs (stage progress: compiling, steps/s, ETA, refreshes) in a script that does
+  not run under `absl.app.run`, which is what otherwise sets absl to INFO and adds its handler.
+
+  Sets absl's verbosity to INFO and, unless a handler already writes absl's records (absl's own
+  under `app.run`, or an earlier call), adds one that writes them to `stream` (default stderr) in
+  absl's format, without Orbax's per-save INFO chatter. Call it once, at the start of `main`.
+
+  Args:
+    stream: a text stream; None = `sys.stderr`.
+  """
+  logging.set_verbosity(logging.INFO)
+  absl_logger = logging.get_absl_logger()
+  for logger in (std_logging.getLogger(), absl_logger):
+    if any(isinstance(h, logging.ABSLHandler) or getattr(h, "selmix_progress", False)
+           for h in logger.handlers):
+      return
+  handler = std_logging.StreamHandler(stream or sys.stderr)
+  handler.setFormatter(logging.PythonFormatter())
+  handler.addFilter(_not_orbax_info)
+  handler.selmix_progress = True
+  absl_logger.addHandler(handler)
+
+
 def run(
     *,
     start_step: int,
@@ -329,13 +363,25 @@ def run(
   ran_at = set()
   with Preemption() as preemption:
     while step < num_steps:
+      if step == start_step:
+        logging.info(
+            "Step %d/%d: compiling the step functions before the first step (a minute or more "
+            "for a large model; a later run with the same shapes reads them from the "
+            "compilation cache); steps/s and ETA follow.", step, num_steps,
+        )
+        t_first = time.monotonic()
       if any(a.fn(step) == STOP for a in before_step if a.due(step)):
         stopped = True
         break
       outputs = train_step(step)
       step += 1
       if progress is not None:
-        progress(step, outputs)
+        progress(step, outputs)  # Blocks on the first step's outputs.
+        if step == start_step + 1:
+          logging.info(
+              "Step %d/%d done, %s after the start (compilation included).", step, num_steps,
+              _duration(time.monotonic() - t_first),
+          )
       for action in after_step:
         if action.due(step) or (action.at_end and step == num_steps):
           action.fn(step)

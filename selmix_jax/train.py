@@ -429,8 +429,8 @@ def _pretrain_text(name: str, result: dict[str, Any]) -> str:
 
 
 def _show(text: str) -> None:
-  """The results table is the job's answer: process 0 prints it (even without logging to
-  stderr) and logs it."""
+  """The results table is the job's answer: process 0 prints it once, on stdout (even without
+  logging to stderr); the log gets only its title, so a terminal shows the table once."""
   if jax.process_index() == 0:
-    logging.info("Results:\n%s", text)
+    logging.info("Results table on stdout: %s", text.splitlines()[0].lstrip("# "))
     print(text, flush=True)

@@ -1,9 +1,14 @@
 """What a new user meets: `--help`, the class order of a long-tailed folder, honest warnings."""
 
+import io
+
+from absl import logging as absl_logging
+import jax.numpy as jnp
 import numpy as np
 
 from selmix_jax import finetune
 from selmix_jax import gains
+from selmix_jax import loop
 from selmix_jax import sampling
 
 
@@ -35,3 +40,23 @@ def test_small_positive_gains_blame_the_temperature():
   assert "temperature_scale='max_gain'" in message
   # The same gains with T relative to the largest one: P concentrates, no warning.
   assert _warning(gain, temperature=0.1, temperature_scale="max_gain") is None
+
+
+def test_loop_says_it_compiles_before_the_first_step_and_show_progress_prints_info():
+  stream, verbosity = io.StringIO(), absl_logging.get_verbosity()
+  loop.show_progress(stream)
+  loop.show_progress(stream)  # A second call adds no second handler.
+  try:
+    calls = []
+    loop.run(start_step=2, num_steps=4, train_step=lambda s: calls.append(s) or jnp.ones(()),
+             progress=loop.Progress(4))
+  finally:
+    absl_logging.set_verbosity(verbosity)
+    for handler in list(absl_logging.get_absl_logger().handlers):
+      if getattr(handler, "selmix_progress", False):
+        absl_logging.get_absl_logger().removeHandler(handler)
+  text = stream.getvalue()
+  assert calls == [2, 3]
+  assert text.count("Step 2/4: compiling the step functions before the first step") == 1
+  assert text.count("Step 3/4 done,") == 1 and "(compilation included)" in text
+  assert text.startswith("I")  # absl's format: I<mmdd> <time> ...
