@@ -9,6 +9,7 @@ import ml_collections
 from selmix_jax import data
 from selmix_jax import mislas
 from selmix_jax import objectives
+from selmix_jax.data import pipeline
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -106,8 +107,98 @@ def selmix_variant(config: ml_collections.ConfigDict, arg: str) -> ml_collection
     return config
   if not objectives.is_known(arg):
     raise ValueError(
-        f"Config variant {arg!r}: expected 'pretrain' or one of {tuple(objectives.names())}."
+        f"Config variant {arg!r}: expected 'pretrain' or one of {tuple(objectives.names())} "
+        f"(or an alias: {', '.join(sorted(objectives.aliases()))})."
     )
   config.mode = "selmix"
   config.objective.name = arg
   return config
+
+
+# One line per field of `get_config()` outside `data` (whose fields `pipeline.build`'s docstring
+# documents): what `python launch/main.py --help` prints beside each default. A test keeps it
+# complete (every field has a line, every line a field).
+FIELD_DOCS = {
+    "mode": "'pretrain_and_selmix' (both stages in one run), 'pretrain', or 'selmix' (from "
+            "selmix.init_checkpoint)",
+    "seed": "seed of initialisation, augmentation and batch order (data.seed draws the splits)",
+    "eval_batch_size": "global batch of every evaluation pass (validation, test, refreshes)",
+    "model.name": "backbone + linear head (the models listed below)",
+    "model.kwargs": "backbone options, e.g. {'width': 8} for cnn_small (set in a config file)",
+    "model.dtype": "backbone compute dtype, 'float32' or 'bfloat16' (parameters, logits, losses "
+                   "and gains stay float32)",
+    "pretrain.method": "'supervised' (logit-adjusted cross-entropy) or 'fixmatch' "
+                       "(FixMatch(LA), semi-supervised)",
+    "pretrain.num_steps": "pre-training steps",
+    "pretrain.batch_size": "global labeled batch per step",
+    "pretrain.unlabeled_ratio": "FixMatch mu: unlabeled images per labeled one in a batch",
+    "pretrain.learning_rate": "peak SGD learning rate",
+    "pretrain.schedule": "'cosine' (to 0 over num_steps) or 'fixmatch_cosine' (FixMatch's "
+                         "7/16-period cosine)",
+    "pretrain.momentum": "SGD momentum",
+    "pretrain.nesterov": "Nesterov momentum",
+    "pretrain.weight_decay": "L2 weight decay",
+    "pretrain.logit_adjust_tau": "logit adjustment tau of the loss; 0 = plain cross-entropy",
+    "pretrain.threshold": "FixMatch confidence threshold of a pseudo-label",
+    "pretrain.unlabeled_weight": "FixMatch weight of the unlabeled loss",
+    "pretrain.ema_decay": "decay of the EMA of the weights (evaluated, and fine-tuned if "
+                          "selmix.use_ema)",
+    "pretrain.log_every": "steps between training-metric logs",
+    "pretrain.eval_every": "steps between validation passes",
+    "pretrain.checkpoint_every": "steps between checkpoints (a stopped run resumes from the last)",
+    "selmix.init_checkpoint": "the pre-trained model: <pretrain workdir>/checkpoints, or a "
+                              "converted release checkpoint (set by pretrain_and_selmix)",
+    "selmix.use_ema": "fine-tune the checkpoint's EMA weights (when it has them)",
+    "selmix.num_steps": "fine-tuning steps",
+    "selmix.batch_size": "global batch of mixup pairs per step",
+    "selmix.learning_rate": "head learning rate (cosine); the backbone's is this x "
+                            "backbone_lr_mult",
+    "selmix.backbone_lr_mult": "backbone learning rate / head learning rate",
+    "selmix.weight_decay": "L2 weight decay",
+    "selmix.mix_weight_min": "the mix weight of x1 is drawn from U[mix_weight_min, 1] (1 = no "
+                             "mixup)",
+    "selmix.bn_stats": "BatchNorm in the step: 'batch' (each pass's own statistics, SPEC) or "
+                       "'running'",
+    "selmix.refresh_every": "steps between refreshes of the gains G and the pair distribution P",
+    "selmix.temperature": "T of P ∝ exp(G / T) over the positive-gain pairs; smaller "
+                          "concentrates P",
+    "selmix.temperature_scale": "'absolute' (P ∝ exp(G / T), SPEC) or 'max_gain' (T relative "
+                                "to the largest gain: the same T at any gain scale)",
+    "selmix.floor": "weight of the uniform floor mixed into P (None = 1/K)",
+    "selmix.gain_form": "'exact' gain (SPEC) or 'reference' (the authors' release)",
+    "selmix.train_bias": "the gain's SGD step also moves the head bias",
+    "selmix.gain_chunk_size": "rows of the gain matrix computed at once (None = automatic; "
+                              "set for large K)",
+    "selmix.pairs": "pair strategy (listed below): 'gain' (SelMix), controls 'uniform', "
+                    "'instance'",
+    "selmix.partner_pool": "where the partner x2 comes from: 'labeled', or 'unlabeled' "
+                           "(semi-supervised, pseudo-labelled)",
+    "selmix.partner_labels": "classes of unlabeled partners: 'pseudo' (SPEC) or 'true' (the "
+                             "release's oracle)",
+    "selmix.early_stop": "stop when the max gain has plateaued (SPEC §6)",
+    "selmix.early_stop_window": "refreshes the plateau is measured over",
+    "selmix.early_stop_tol": "relative change of the max gain counted as a plateau",
+    "selmix.log_every": "steps between training-metric logs",
+    "selmix.eval_every": "steps between test passes (validation runs at every refresh)",
+    "selmix.checkpoint_every": "steps between checkpoints",
+    "objective.name": "what SelMix fine-tunes for (the objectives listed below; aliases work)",
+    "objective.hparams.omega": "sharpness omega of the min_recall / min_head_tail_recall "
+                               "multipliers (softmin of the recalls)",
+    "objective.hparams.beta": "exponent beta of the min_recall multiplier update "
+                              "(lambda ∝ lambda^beta exp(-omega r))",
+    "objective.hparams.alpha": "coverage constraints: coverage >= alpha / K",
+    "objective.hparams.tau": "temperature tau of the coverage multiplier rule",
+    "objective.hparams.multiplier_max": "cap lambda_max of the coverage multipliers",
+    "objective.hparams.recall_smoothing": "the G-/H-mean gains use recalls r + this",
+    "objective.hparams.head_mask": "[K] bools, True = head class (None = the first int(0.9 K) "
+                                   "classes in class order)",
+}
+
+
+def field_docs() -> dict[str, str]:
+  """`{dotted field: one-line meaning}` of every leaf field of `get_config()`, in the order
+  `--help` prints them: top-level, data (from `pipeline.build`'s docstring), then the rest."""
+  docs = {k: v for k, v in FIELD_DOCS.items() if "." not in k}
+  docs.update({f"data.{k}": v for k, v in pipeline.field_docs().items()})
+  docs.update({k: v for k, v in FIELD_DOCS.items() if "." in k})
+  return docs

@@ -12,16 +12,39 @@ Expected on the project's 2-core AMD EPYC: test min recall 66.67 -> 72.22, mean 
 83.51 -> 82.38 (the full table is in README.md). Bit-identical run to run on one machine; another
 CPU may differ by a few test images (64.81 -> 74.07 was seen on one).
 
-`--config=configs/default.py:tiny` is a seconds-long version for tests; `:tiny_ssl` the same on a
-semi-supervised split (FixMatch(LA) pre-training, SelMix partners from the pseudo-labelled pool).
+Variants (`--config=configs/default.py:<variant>`, parts joined by ','):
+  * an objective name (`:gmean`, `:mean_recall_min_coverage`; every name and alias of
+    `python launch/main.py --help`): the same one-command run fine-tuning for that objective
+    (the same as `--config.objective.name=<name>`);
+  * `:pretrain`: the pre-training stage only;
+  * `:tiny`: a seconds-long version for tests; `:tiny_ssl` the same on a semi-supervised split
+    (FixMatch(LA) pre-training, SelMix partners from the pseudo-labelled pool);
+  * combined: `:tiny,gmean`, `:tiny_ssl,hmean`.
 """
 
 import ml_collections
 
+from selmix_jax import objectives
 from selmix_jax.configs import base
+
+_SIZES = ("tiny", "tiny_ssl")
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  size, objective, pretrain_only = "", "min_recall", False
+  for part in filter(None, (p.strip() for p in arg.split(","))):
+    if part in _SIZES:
+      size = part
+    elif part == "pretrain":
+      pretrain_only = True
+    elif objectives.is_known(part):
+      objective = part
+    else:
+      known = ", ".join(objectives.names() + sorted(objectives.aliases()))
+      raise ValueError(
+          f"configs/default.py variant {arg!r}: {part!r} is not 'tiny', 'tiny_ssl', 'pretrain' "
+          f"or an objective ({known}); join parts with ',', e.g. 'tiny,gmean'."
+      )
   config = base.get_config()
   config.mode = "pretrain_and_selmix"
   config.eval_batch_size = 256
@@ -49,10 +72,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.selmix.eval_every = 100
   config.selmix.checkpoint_every = 100
   config.selmix.log_every = 20
-  config.objective.name = "min_recall"
+  config.objective.name = objective
+  if pretrain_only:
+    config.mode = "pretrain"
 
-  if arg in ("tiny", "tiny_ssl"):
-    config.model.kwargs.width = 8
+  if size in _SIZES:
+    config.model.kwargs["width"] = 8
     config.eval_batch_size = 128
     config.pretrain.num_steps = 12
     config.pretrain.batch_size = 32
@@ -65,7 +90,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.selmix.eval_every = 6
     config.selmix.checkpoint_every = 6
     config.selmix.log_every = 3
-  if arg == "tiny_ssl":
+  if size == "tiny_ssl":
     # Digits keep ~125 training images per class: 30 validation + 40 labeled + 50 unlabeled.
     config.data.labeled_max = 40
     config.data.unlabeled_max = 50
@@ -75,6 +100,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.pretrain.unlabeled_ratio = 2
     config.pretrain.threshold = 0.5
     config.selmix.partner_pool = "unlabeled"
-  elif arg not in ("", "tiny"):
-    raise ValueError(f"configs/default.py variant {arg!r}: expected '', 'tiny' or 'tiny_ssl'.")
   return config

@@ -22,7 +22,9 @@ batch size field to lower); 3 the training diverged (a NaN/inf loss or state: th
 the stage, step, learning rate and the last good checkpoint, which is kept; no summary is written).
 """
 
+import functools
 import importlib
+import importlib.util
 import logging as std_logging
 import os
 import re
@@ -236,6 +238,142 @@ def main(argv):
     sys.exit(EXIT_DIVERGED)
 
 
+# ------------------------------------------------------------------------------------ --help
+# `--help` prints what a run can be told, generated from the config (`base.field_docs()`) and
+# the registries, so it never drifts; `--helpfull` stays absl's list of every flag.
+
+_HELP_ARGS = ("--help", "-help", "-h", "-?")
+
+
+def wants_help(argv: list[str]) -> bool:
+  """Whether `argv` asks for `--help` (absl's own `--helpfull` and `--helpshort` stay absl's)."""
+  return any(arg in _HELP_ARGS for arg in argv[1:])
+
+
+def _config_arg(argv: list[str]) -> str:
+  """The `--config` value of `argv`, or the default config file."""
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return _shown_path(os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py"))
+
+
+def _shown_path(path: str) -> str:
+  """`path` relative to the working directory when it is below it."""
+  relative = os.path.relpath(path)
+  return path if relative.startswith("..") else relative
+
+
+def _load_for_help(config_arg: str) -> tuple[ml_collections.ConfigDict, str]:
+  """(config, what it is): the `--config` file (and variant), or base.py's defaults if that
+  does not load."""
+  from selmix_jax.configs import base  # pylint: disable=g-import-not-at-top
+
+  path, _, variant = config_arg.partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("selmix_help_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant) if variant else module.get_config()
+    return config, f"values of {_shown_path(path)}{':' + variant if variant else ''}"
+  except Exception as e:  # pylint: disable=broad-except
+    return base.get_config(), f"configs/base.py defaults ({config_arg} did not load: {e})"
+
+
+def _first_doc_line(path: str) -> str:
+  import ast  # pylint: disable=g-import-not-at-top
+
+  try:
+    with open(path, encoding="utf-8") as f:
+      doc = ast.get_docstring(ast.parse(f.read())) or ""
+  except (OSError, SyntaxError):
+    return ""
+  return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def help_text(argv: list[str]) -> str:
+  """The `--help` text: usage, every config field with its value and meaning, the objectives
+  (with aliases), models, data sets, pair strategies, setting files and this script's flags."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import textwrap  # pylint: disable=g-import-not-at-top
+
+  from selmix_jax import data  # pylint: disable=g-import-not-at-top
+  from selmix_jax import models  # pylint: disable=g-import-not-at-top
+  from selmix_jax import objectives  # pylint: disable=g-import-not-at-top
+  from selmix_jax import pairs  # pylint: disable=g-import-not-at-top
+  from selmix_jax.configs import base  # pylint: disable=g-import-not-at-top
+
+  config, source = _load_for_help(_config_arg(argv))
+  wrap = functools.partial(textwrap.fill, width=100, break_on_hyphens=False)
+  out = [
+      "Runs a selmix-jax job: pre-training and/or SelMix fine-tuning for a non-decomposable",
+      "objective, ending with a before/after table (results.md) in the workdir.",
+      "",
+      "Usage: python launch/main.py [--config=configs/<setting>.py[:<variant>]] [--workdir=DIR]",
+      "                             [--config.<field>=<value> ...] [--imports=my_pkg.my_module]",
+      "",
+      wrap("<variant>: 'pretrain' or an objective name (below), which fine-tunes for it; "
+           "configs/default.py (the config without --config) also takes 'tiny' and 'tiny_ssl', "
+           "and parts joined by ',' ('tiny,gmean'). Or set the objective of any config with "
+           "--config.objective.name=<name>."),
+      "",
+      wrap(f"Config fields ({source}; `--config=<file> --help` shows another config's); set "
+           "any with --config.<field>=<value>:"),
+  ]
+  for field, meaning in base.field_docs().items():
+    node = config
+    for part in field.split("."):
+      node = node[part]
+    value = repr(node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node)
+    hparam = field.rpartition(".")[2]
+    if field.startswith("objective.hparams.") and objectives.DEFAULT_HPARAMS.get(hparam) is not None \
+        and node is None:
+      value += f" (= {objectives.DEFAULT_HPARAMS[hparam]!r})"
+    out.append(f"  {field} = {value}")
+    out.append(textwrap.fill(meaning, width=100, initial_indent=" " * 6,
+                             subsequent_indent=" " * 6, break_on_hyphens=False))
+  aliases = ", ".join(f"{a} -> {n}" for a, n in sorted(objectives.aliases().items()))
+  out += [
+      "",
+      "Objectives (config.objective.name, or the config variant :<name>):",
+      wrap(", ".join(objectives.names()), initial_indent="  ", subsequent_indent="  "),
+      f"  aliases: {aliases}",
+      "Models (config.model.name):",
+      wrap(", ".join(models.names()), initial_indent="  ", subsequent_indent="  "),
+      "Data sets (config.data.name; your own images: image_folder, README 'Your own "
+      "long-tailed data'):",
+      wrap(", ".join(data.names()), initial_indent="  ", subsequent_indent="  "),
+      "Pair strategies (config.selmix.pairs):",
+      wrap(", ".join(pairs.names()), initial_indent="  ", subsequent_indent="  "),
+      "",
+      "Settings (--config=configs/<file>; each file's docstring has its commands):",
+  ]
+  configs_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  for path in sorted(glob.glob(os.path.join(configs_dir, "*.py"))):
+    name = os.path.basename(path)
+    if name not in ("__init__.py", "base.py"):
+      out.append(wrap(f"{name}: {_first_doc_line(path)}", initial_indent="  ",
+                      subsequent_indent="      "))
+  out += ["", "Flags of this script:"]
+  for flag in sorted(flags.FLAGS.get_flags_for_module(sys.modules[__name__]),
+                     key=lambda f: f.name):
+    default = repr(_config_arg([])) if flag.name == "config" else flag.default_as_str
+    meaning = " ".join(flag.help.split())
+    out.append(wrap(f"--{flag.name} (default {default}): {meaning}",
+                    initial_indent="  ", subsequent_indent="      "))
+  out += [
+      "  --helpfull: every flag, absl's and JAX's (--jax_platforms=cpu, --jax_debug_nans, ...)",
+      "",
+  ]
+  return "\n".join(out)
+
+
 if __name__ == "__main__":
   exit_on_user_error(import_user_modules, sys.argv)
+  if wants_help(sys.argv):
+    print(help_text(sys.argv))
+    sys.exit(0)
   app.run(main, flags_parser=parse_flags)

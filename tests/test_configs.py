@@ -31,7 +31,7 @@ def _load(path):
 def _variants(path):
   name = os.path.basename(path)
   if name == "default.py":
-    return ["", "tiny", "tiny_ssl"]
+    return ["", "tiny", "tiny_ssl", "min_recall", "pretrain", "tiny,gmean", "tiny_ssl,hmean"]
   if name.startswith("cifar10_lt_cpu"):
     return None  # validated by its own arg list below
   return ["pretrain", "min_recall", "hmean_min_coverage"]

@@ -1,15 +1,24 @@
 """What a new user meets: `--help`, the class order of a long-tailed folder, honest warnings."""
 
 import io
+import os
+import re
+import subprocess
+import sys
 
 from absl import logging as absl_logging
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import pytest
 
 from selmix_jax import finetune
 from selmix_jax import gains
 from selmix_jax import loop
 from selmix_jax import sampling
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MAIN = os.path.join(_REPO, "launch", "main.py")
 
 
 def _warning(gain, temperature=0.1, temperature_scale="absolute"):
@@ -60,3 +69,54 @@ def test_loop_says_it_compiles_before_the_first_step_and_show_progress_prints_in
   assert text.count("Step 2/4: compiling the step functions before the first step") == 1
   assert text.count("Step 3/4 done,") == 1 and "(compilation included)" in text
   assert text.startswith("I")  # absl's format: I<mmdd> <time> ...
+
+
+def _leaf_fields(node, prefix=""):
+  for key in node.keys():
+    value = node[key]
+    if isinstance(value, ml_collections.ConfigDict) and key != "kwargs":
+      yield from _leaf_fields(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}"
+
+
+def test_every_config_field_has_a_one_line_meaning():
+  from selmix_jax.configs import base  # pylint: disable=g-import-not-at-top
+
+  docs = base.field_docs()
+  leaves = set(_leaf_fields(base.get_config()))
+  assert leaves == set(docs), (sorted(leaves - set(docs)), sorted(set(docs) - leaves))
+  assert all(len(meaning) > 10 for meaning in docs.values()), docs
+
+
+def test_help_lists_every_field_objective_model_data_set_and_pair_strategy():
+  from selmix_jax import data, models, objectives, pairs  # pylint: disable=g-import-not-at-top
+  from selmix_jax.configs import base  # pylint: disable=g-import-not-at-top
+
+  done = subprocess.run([sys.executable, _MAIN, "--help"], capture_output=True, text=True,
+                        check=False, cwd=_REPO)
+  assert done.returncode == 0, done.stderr[-2000:]
+  lines = done.stdout.splitlines()
+  for field, meaning in base.field_docs().items():
+    (at,) = [i for i, line in enumerate(lines) if line.startswith(f"  {field} = ")]
+    assert lines[at + 1].startswith("      ") and meaning.split()[0] in lines[at + 1], field
+  # The values shown are the default config's (the run without --config).
+  assert "  selmix.num_steps = 300" in lines and "  data.name = 'digits'" in lines
+  text = " ".join(done.stdout.split())
+  for name in [*objectives.names(), *models.names(), *data.names(), *pairs.names()]:
+    assert re.search(rf"[ ,]{name}[,\s]", done.stdout), name
+  for alias, target in objectives.aliases().items():
+    assert f"{alias} -> {target}" in text
+  for flag in ("--workdir", "--imports", "--config", "--helpfull"):
+    assert f"  {flag}" in done.stdout
+
+
+def test_default_config_takes_an_objective_variant():
+  from selmix_jax.configs import default  # pylint: disable=g-import-not-at-top
+
+  assert default.get_config("min_recall").mode == "pretrain_and_selmix"
+  combined = default.get_config("tiny,gmean")
+  assert combined.objective.name == "gmean" and combined.pretrain.num_steps == 12
+  assert default.get_config("pretrain").mode == "pretrain"
+  with pytest.raises(ValueError, match="'min_recal' is not 'tiny', 'tiny_ssl', 'pretrain' or an"):
+    default.get_config("min_recal")

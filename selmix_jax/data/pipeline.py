@@ -21,6 +21,7 @@ the source decodes on access.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -437,6 +438,28 @@ def default_config() -> ml_collections.ConfigDict:
   )
 
 
+def field_docs() -> dict[str, str]:
+  """`{field: its first sentence}` for every field `build`'s docstring documents (the `data`
+  lines of `launch/main.py --help`), in the docstring's order."""
+  doc = build.__doc__
+  block = doc[doc.index("Config fields") : doc.index("SPEC §8 settings")]
+  entries: list[list[str]] = []
+  for line in block.splitlines():
+    head = re.match(r"^    (\w+(?:, \w+)*): (.*)$", line)
+    if head:
+      entries.append([head.group(1), head.group(2)])
+    elif entries and line.startswith("      "):
+      entries[-1][1] += " " + line.strip()
+    elif not line.strip() or not line.startswith("    "):
+      entries.append(["", ""])  # A section break ends the entry.
+  docs = {}
+  for names_, text in entries:
+    first = re.split(r"(?<=\.)\s+(?=[A-Z`])", text.strip(), maxsplit=1)[0].rstrip(".")
+    for name in filter(None, names_.split(", ")):
+      docs[name] = first
+  return docs
+
+
 def _resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Merges `config` over `default_config()` and fills the data set's split defaults."""
   full = default_config()
@@ -550,7 +573,7 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
       labeled, without overlap), or 'unlabelled' for stl10.
     labeled_max: N1 of SPEC §8; None or -1 = every training example left after
       validation (e.g. the ImageNet-LT training list as published).
-    labeled_imbalance: rho_l >= 1.
+    labeled_imbalance: rho_l >= 1, the largest over the smallest labeled class count.
     unlabeled_max: M1; 0 = supervised (`unlabeled` is None); -1 = every example of
       the training split left after validation and labeled, or all of a separate
       `unlabeled_split`.
