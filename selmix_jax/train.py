@@ -366,13 +366,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       _show(done["text"])
       return done["result"]
     datasets = data.build(config.data)
-    logging.info(
-        "Data %s: %d classes, labeled per class %s.",
-        config.data.name,
-        datasets.num_classes,
-        datasets.labeled_class_counts.tolist(),
-    )
+    logging.info("Data %s: %s", config.data.name, pipeline.describe(datasets))
     head_mask = config.objective.hparams.head_mask
+    warning = pipeline.head_tail_warning(
+        datasets.class_names, datasets.labeled_class_counts, head_mask
+    )
+    if warning:
+      logging.warning("%s", warning)
     if head_mask is not None and len(head_mask) != datasets.num_classes:
       raise ConfigValueError(
           f"config.objective.hparams.head_mask has {len(head_mask)} entries; the data set has "

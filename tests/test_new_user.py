@@ -10,12 +10,15 @@ from absl import logging as absl_logging
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import PIL.Image
 import pytest
 
+from selmix_jax import data
 from selmix_jax import finetune
 from selmix_jax import gains
 from selmix_jax import loop
 from selmix_jax import sampling
+from selmix_jax.data import pipeline
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MAIN = os.path.join(_REPO, "launch", "main.py")
@@ -120,3 +123,54 @@ def test_default_config_takes_an_objective_variant():
   assert default.get_config("pretrain").mode == "pretrain"
   with pytest.raises(ValueError, match="'min_recal' is not 'tiny', 'tiny_ssl', 'pretrain' or an"):
     default.get_config("min_recal")
+
+
+def _long_tailed_folder(root, counts):
+  """`root/{train,test}/<class>/*.png`: `counts[name]` training images, 2 test images each."""
+  for split in ("train", "test"):
+    for name, n in counts.items():
+      folder = root / split / name
+      folder.mkdir(parents=True)
+      for i in range(n if split == "train" else 2):
+        PIL.Image.new("RGB", (4, 4), (i, 10 * len(name), 0)).save(folder / f"{i}.png")
+  return root
+
+
+_COUNTS = {"ant": 3, "bee": 9, "cat": 5, "dog": 12, "eel": 4, "fox": 7, "gnu": 6, "hen": 8,
+           "owl": 10, "yak": 11}  # The least frequent class sorts first by name.
+
+
+def _folder_config(root, **overrides):
+  config = data.default_config()
+  config.update({"name": "image_folder", "root": str(root), "labeled_max": -1,
+                 "val_per_class": 1, "cache_dir": "", **overrides})
+  return config
+
+
+def test_an_imbalanced_folder_is_ordered_by_frequency_and_logged_with_names(tmp_path):
+  root = _long_tailed_folder(tmp_path / "lt", _COUNTS)
+  ds = data.build(_folder_config(root))
+  by_count = sorted(_COUNTS, key=lambda c: (-_COUNTS[c], c))
+  assert ds.class_names == tuple(by_count) == ("dog", "yak", "owl", "bee", "hen", "fox", "gnu",
+                                               "cat", "eel", "ant")
+  np.testing.assert_array_equal(ds.labeled_class_counts, [_COUNTS[c] - 1 for c in by_count])
+  # Every split uses that order: test image i of class c has green 10 * len(c), red i.
+  assert [ds.class_names[y] for y in ds.test.labels[::2]] == list(by_count)
+  assert pipeline.head_tail_warning(ds.class_names, ds.labeled_class_counts) is None
+  text = pipeline.describe(ds)
+  assert "labeled 65, per class: dog 11, yak 10, owl 9, bee 8, hen 7, fox 6, gnu 5, cat 4, " \
+         "eel 3, ant 2." in text
+  assert "validation 10, 1 each." in text and "test 20, 2 each." in text
+
+
+def test_a_declared_order_against_the_counts_is_warned_about_naming_the_classes(tmp_path):
+  root = _long_tailed_folder(tmp_path / "lt", _COUNTS)
+  names = tuple(sorted(_COUNTS))  # The user's order is kept, and the warning says why it hurts.
+  ds = data.build(_folder_config(root, class_names=names))
+  assert ds.class_names == names
+  message = pipeline.head_tail_warning(ds.class_names, ds.labeled_class_counts)
+  assert message.startswith("The classes are not ordered by frequency, but the head is the "
+                            "first 9 of the 10 classes in class order")
+  assert "tail yak 10, while head class ant has 2 labeled examples" in message
+  assert "By frequency the tail would be ant." in message
+  assert pipeline.head_tail_warning(names, ds.labeled_class_counts, (True,) * 9 + (False,)) is None

@@ -87,13 +87,20 @@ def _digits(config, split):
 def _image_folder(config, split):
   # Every split is labelled with the training split's class ids (a split missing a class is
   # warned about; one with a class the training split lacks is an error naming its folder).
-  train_classes = None
+  # Without `class_names` the classes go from most to least frequent in the training split
+  # (ties by name; SPEC §2), so the head is the most frequent 90 % in an imbalanced folder.
+  classes = config.class_names or sources.class_folders(
+    config.root, config.train_split, by_count=True
+  )
+  train_classes, class_names = None, config.class_names
   if split != config.train_split:
-    train_classes = config.class_names or sources.class_folders(config.root, config.train_split)
+    train_classes = classes
+  elif class_names is None and list(classes) != sorted(classes):
+    class_names = classes  # (Left None when it is the name order, so caches stay valid.)
   return sources.load_image_folder(
     config.root,
     split,
-    class_names=config.class_names,
+    class_names=class_names,
     train_classes=train_classes,
     image_size=config.image_size,
     cache_dir=config.cache_dir or None,

@@ -583,8 +583,8 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
     seed: seed of every split (and of digits' train/test split).
     image_size: side to resize images to: image folders and in-memory TFDS sets
       (None keeps the stored size), and the ImageNet side (None = 224).
-    class_names: image_folder only: class order (None = the sorted class folders of
-      the training split). Every split is labelled with the training split's classes: a
+    class_names: image_folder only: class order (None = the class folders of the training
+      split from most to least images, ties by name, SPEC §2). Every split is labelled with the training split's classes: a
       split without a class is logged as a warning (that class is absent there), a class
       folder the training split lacks is a ValueError naming the folder.
     imagenet100_classes: None = the shipped CMC list, or a list / path of a .txt.
@@ -722,3 +722,63 @@ def _statistics(config: ml_collections.ConfigDict, train: Source) -> tuple[np.nd
   pixels = train.get_images(np.sort(sample)).astype(np.float64) / 255.0
   axes = tuple(range(pixels.ndim - 1))
   return pixels.mean(axes).astype(np.float32), pixels.std(axes).astype(np.float32)
+
+
+# ---------------------------------------------------------------------- reporting
+
+
+def per_class(class_names, counts) -> str:
+  """`'dog 130, cat 70, ...'`: each class name beside its count, in class order."""
+  return ", ".join(f"{name} {int(n)}" for name, n in zip(class_names, counts))
+
+
+def describe(ds: Datasets) -> str:
+  """The split sizes of `ds` for the log, with class names beside every per-class count."""
+  lines = [
+    f"{ds.num_classes} classes; labeled {len(ds.labeled)}, per class: "
+    f"{per_class(ds.class_names, ds.labeled_class_counts)}."
+  ]
+  if ds.unlabeled is not None:
+    counts = ds.unlabeled.class_counts(ds.num_classes)
+    lines.append(f"unlabeled {len(ds.unlabeled)} (true labels, never used), per class: "
+                 f"{per_class(ds.class_names, counts)}.")
+  for name, split in (("validation", ds.val), ("test", ds.test)):
+    counts = split.class_counts(ds.num_classes)
+    each = f"{int(counts[0])} each" if len(set(counts.tolist())) == 1 else (
+      f"per class: {per_class(ds.class_names, counts)}")
+    lines.append(f"{name} {len(split)}, {each}.")
+  return "\n".join(lines)
+
+
+def head_tail_warning(class_names, counts, head_mask=None) -> str | None:
+  """The warning for a class order whose head is not the frequent classes, or None.
+
+  The head is the first `int(0.9 K)` classes in class order (SPEC §2, which orders data sets
+  from most to least frequent) unless a `head_mask` is given. A tail class with more labeled
+  examples than a head class means that order is not by frequency: min head-tail recall, the
+  head/tail objectives and the plots would then call frequent classes tail.
+
+  Args:
+    class_names: K names, in class order.
+    counts: [K] labeled examples per class.
+    head_mask: the configured head mask, or None for the default (then checked).
+  """
+  counts = np.asarray(counts)
+  num_head = int(0.9 * len(counts))
+  if head_mask is not None or num_head == 0 or num_head == len(counts):
+    return None
+  head, tail = counts[:num_head], counts[num_head:]
+  if head.min() >= tail.max():
+    return None
+  order = np.argsort(-counts, kind="stable")
+  names = list(class_names)
+  by_count = [names[k] for k in order[num_head:]]
+  return (
+    f"The classes are not ordered by frequency, but the head is the first {num_head} of the "
+    f"{len(counts)} classes in class order (min head-tail recall, the head/tail objectives, "
+    f"the plots): tail {per_class(names[num_head:], tail)}, while head class "
+    f"{names[int(np.argmin(head))]} has {int(head.min())} labeled examples. By frequency the "
+    f"tail would be {', '.join(by_count)}. Give config.data.class_names from most to least "
+    "frequent (an image folder without class_names is ordered so), or "
+    "config.objective.hparams.head_mask."
+  )

@@ -320,10 +320,27 @@ def _root_path(root: str | os.PathLike, split: str) -> pathlib.Path:
   return root
 
 
-def class_folders(root: str | os.PathLike, split: str) -> tuple[str, ...]:
-  """The sorted class-folder names of `root/<split>` (a directory or .zip), reading no image."""
+def class_folders(
+  root: str | os.PathLike, split: str, *, by_count: bool = False
+) -> tuple[str, ...]:
+  """The class-folder names of `root/<split>` (a directory or .zip), reading no image.
+
+  Args:
+    root: folder or .zip file.
+    split: sub-folder name.
+    by_count: order by descending number of image files (ties by name), the SPEC's
+      most-to-least-frequent class order; False = sorted by name.
+  """
   tree = _Tree(_root_path(root, split))
-  return tuple(tree.listing(_split_folder(tree, split))[0])
+  base = _split_folder(tree, split)
+  folders = tuple(tree.listing(base)[0])
+  if not by_count:
+    return folders
+  counts = {
+    name: sum(f.lower().endswith(IMAGE_EXTENSIONS) for f in tree.listing(f"{base}/{name}")[1])
+    for name in folders
+  }
+  return tuple(sorted(folders, key=lambda name: (-counts[name], name)))
 
 
 def load_image_folder(
