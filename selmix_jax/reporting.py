@@ -234,6 +234,7 @@ def plot_recalls(
         x, names, rotation=35 if long_names else 0, ha="right" if long_names else "center"
     )
     _mark_tail(ax, head, num_head, contiguous_head)
+    ax.set_xlabel("class (in class order; tail classes shaded)")
     ax.set_ylabel("recall (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title)
@@ -248,7 +249,7 @@ def plot_recalls(
     for run in runs:
       ax.plot(x, values[run], marker=".", ms=3, lw=0.8, label=run)
     _mark_tail(ax, head, num_head, contiguous_head)
-    ax.set_xlabel("class (ordered from most to least frequent)")
+    ax.set_xlabel("class index, in class order (tail classes shaded)")
     ax.set_ylabel("recall (%)")
     ax.set_ylim(0, 100)
     ax.set_xlim(-0.5, num_classes - 0.5)
@@ -336,6 +337,7 @@ def plot_pair_probs(
       ax.set_xticks(ticks, list(class_names), rotation=90, fontsize="x-small")
       ax.set_yticks(ticks, list(class_names), fontsize="x-small")
   axes[0][0].set_ylabel("class of x1 (label kept)")
+  fig.suptitle("SelMix pair distribution P at refreshes", fontsize="medium")
   fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, label="P(i, j)")
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -346,17 +348,19 @@ def plot_curves(
     steps: Sequence[int],
     curves: Mapping[str, Sequence[float]],
     *,
-    ylabel: str | None = None,
+    ylabel: str,
+    title: str,
 ) -> None:
-  """Line plot of scalar histories (validation target, per-class recalls, ...) against steps."""
+  """Line plot of scalar histories (validation target, per-class recalls, ...) against steps,
+  with its y-axis label and title."""
   plt = _pyplot()
   many = len(curves) > 4
   fig, ax = plt.subplots(figsize=(7.5 if many else 6, 3.5))
   for name, values in curves.items():
     ax.plot(steps, values, marker="o", ms=2, label=name)
   ax.set_xlabel("step")
-  if ylabel:
-    ax.set_ylabel(ylabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize="medium")
   if many:  # Outside the axes, so that it hides no curve.
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
   else:
@@ -383,6 +387,7 @@ def plot_selmix_run(workdir: str, result: Mapping[str, Any], class_names) -> Non
   if not history:
     return
   refresh_steps = [int(h["step"]) for h in history]
+  objective = result.get("objective", "none")
   plot_pair_probs(
       os.path.join(workdir, "pair_probs.png"),
       [(step, h["pair_probs"]) for step, h in zip(refresh_steps, history)],
@@ -392,6 +397,8 @@ def plot_selmix_run(workdir: str, result: Mapping[str, Any], class_names) -> Non
       os.path.join(workdir, "refresh_curves.png"),
       refresh_steps,
       {"val target": [float(h["val_target"]) for h in history]},
+      ylabel=f"validation target ({objective})" if objective != "none" else "validation target",
+      title="Objective target on validation at each refresh (0-1)",
   )
   recalls = np.stack([h["val_recalls"] for h in history])
   if recalls.shape[1] <= 20:  # One line per class stays readable up to ~20 classes.
@@ -400,5 +407,6 @@ def plot_selmix_run(workdir: str, result: Mapping[str, Any], class_names) -> Non
         os.path.join(workdir, "val_recalls.png"),
         refresh_steps,
         {str(name): recalls[:, i] for i, name in enumerate(names)},
-        ylabel="validation recall",
+        ylabel="validation recall (0-1)",
+        title="Per-class validation recall at each refresh",
     )

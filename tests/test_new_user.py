@@ -17,6 +17,7 @@ from selmix_jax import data
 from selmix_jax import finetune
 from selmix_jax import gains
 from selmix_jax import loop
+from selmix_jax import reporting
 from selmix_jax import sampling
 from selmix_jax.data import pipeline
 
@@ -174,3 +175,38 @@ def test_a_declared_order_against_the_counts_is_warned_about_naming_the_classes(
   assert "tail yak 10, while head class ant has 2 labeled examples" in message
   assert "By frequency the tail would be ant." in message
   assert pipeline.head_tail_warning(names, ds.labeled_class_counts, (True,) * 9 + (False,)) is None
+
+
+def test_every_plot_of_a_run_has_axis_labels_and_a_title(tmp_path, monkeypatch):
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  figures = {}
+  close = plt.close
+
+  def keep(fig):
+    figures[fig.axes[0].get_title() or fig.get_suptitle()] = fig
+    close(fig)
+
+  monkeypatch.setattr(plt, "close", keep)
+  k = 4
+  rng = np.random.default_rng(0)
+  for step in (0, 10):
+    probs = rng.random((k, k))
+    reporting.save_refresh(str(tmp_path), step, {
+        "step": np.asarray(step), "pair_probs": probs / probs.sum(), "gain": rng.random((k, k)),
+        "multipliers": np.ones(k) / k, "val_recalls": rng.random(k), "val_target": np.asarray(0.5),
+    })
+  summary = {"recall": rng.random(k)}
+  result = {"objective": "min_recall", "method": "SelMix (min_recall)",
+            "before": {"test": summary}, "after": {"test": summary}}
+  reporting.plot_selmix_run(str(tmp_path), result, ["a", "b", "c", "d"])
+  assert sorted(os.listdir(tmp_path)) == ["pair_probs.png", "recalls.png", "refresh_curves.png",
+                                          "selmix_history", "val_recalls.png"]
+  assert len(figures) == 4, list(figures)
+  for title, fig in figures.items():
+    assert title, fig
+    plots = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert all(ax.get_xlabel() for ax in plots), title
+    assert plots[0].get_ylabel(), title
+  refresh = next(f for t, f in figures.items() if t.startswith("Objective target"))
+  assert refresh.axes[0].get_ylabel() == "validation target (min_recall)"
