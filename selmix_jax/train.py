@@ -394,14 +394,17 @@ def _run(config, workdir, datasets) -> tuple[dict[str, Any], str]:
   """Runs the stages of `config.mode`; returns the result and its results table (Markdown)."""
   name = config.data.name
   if config.mode == "pretrain":
+    _announce("Pre-training", config.pretrain, config.model.name)
     result = pretrain.run(config, workdir, datasets)
     return result, _pretrain_text(name, result)
   if config.mode == "pretrain_and_selmix":
     pre_dir = os.path.join(workdir, "pretrain")
+    _announce("Pre-training", config.pretrain, config.model.name)
     _show(_pretrain_text(name, pretrain.run(config, pre_dir, datasets)))  # Each stage's table.
     with config.unlocked():
       config.selmix.init_checkpoint = os.path.join(pre_dir, "checkpoints")
     workdir = os.path.join(workdir, "selmix")
+  _announce(f"SelMix fine-tuning for {config.objective.name}", config.selmix, config.model.name)
   # A frozen backbone without augmentation: its features once, then the head (`frozen`).
   result = (frozen.run if frozen.caches(config) else finetune.run)(config, workdir, datasets)
   table = reporting.metrics_table(
@@ -418,6 +421,15 @@ def _run(config, workdir, datasets) -> tuple[dict[str, Any], str]:
       f"{result['wall_time_s']:.0f} s).\n\n"
   )
   return result, text + table + "\n"
+
+
+def _announce(stage: str, cfg: ml_collections.ConfigDict, model: str) -> None:
+  """The line that starts a stage, before its silent part (building the model, restoring a
+  checkpoint, the first evaluation passes and compilations)."""
+  logging.info(
+      "%s: %d steps of %d, %s; building the model and compiling its steps first (a minute or "
+      "more for a ResNet on a CPU).", stage, cfg.num_steps, cfg.batch_size, model,
+  )
 
 
 def _pretrain_text(name: str, result: dict[str, Any]) -> str:
