@@ -308,24 +308,25 @@ def show_progress(stream=None) -> None:
   """Shows INFO logs (stage progress: compiling, steps/s, ETA, refreshes) in a script that does
   not run under `absl.app.run`, which is what otherwise sets absl to INFO and adds its handler.
 
-  Sets absl's verbosity to INFO and, unless a handler already writes absl's records (absl's own
-  under `app.run`, or an earlier call), adds one that writes them to `stream` (default stderr) in
-  absl's format, without Orbax's per-save INFO chatter. Call it once, at the start of `main`.
+  Sets absl's verbosity to INFO and, unless the root logger already has absl's handler (under
+  `app.run`) or one of an earlier call, gives it a handler that writes to `stream` (default
+  stderr) in absl's format, without Orbax's per-save INFO chatter. On the root logger, as absl's
+  own, so that no library's implicit `logging.basicConfig` adds a second one (each line twice).
+  Call it once, at the start of `main`.
 
   Args:
     stream: a text stream; None = `sys.stderr`.
   """
   logging.set_verbosity(logging.INFO)
-  absl_logger = logging.get_absl_logger()
-  for logger in (std_logging.getLogger(), absl_logger):
-    if any(isinstance(h, logging.ABSLHandler) or getattr(h, "selmix_progress", False)
-           for h in logger.handlers):
-      return
+  root = std_logging.getLogger()
+  if any(isinstance(h, logging.ABSLHandler) or getattr(h, "selmix_progress", False)
+         for h in root.handlers):
+    return
   handler = std_logging.StreamHandler(stream or sys.stderr)
   handler.setFormatter(logging.PythonFormatter())
   handler.addFilter(_not_orbax_info)
   handler.selmix_progress = True
-  absl_logger.addHandler(handler)
+  root.addHandler(handler)
 
 
 def run(

@@ -1,6 +1,7 @@
 """What a new user meets: `--help`, the class order of a long-tailed folder, honest warnings."""
 
 import io
+import logging as std_logging
 import os
 import re
 import subprocess
@@ -65,9 +66,10 @@ def test_loop_says_it_compiles_before_the_first_step_and_show_progress_prints_in
              progress=loop.Progress(4))
   finally:
     absl_logging.set_verbosity(verbosity)
-    for handler in list(absl_logging.get_absl_logger().handlers):
+    root = std_logging.getLogger()
+    for handler in list(root.handlers):
       if getattr(handler, "selmix_progress", False):
-        absl_logging.get_absl_logger().removeHandler(handler)
+        root.removeHandler(handler)
   text = stream.getvalue()
   assert calls == [2, 3]
   assert text.count("Step 2/4: compiling the step functions before the first step") == 1
