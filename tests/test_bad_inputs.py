@@ -707,7 +707,7 @@ CLI_CASES = [
      "Invalid command line: Unknown command line flag 'foo'."),
     ("bad --config variant", ["--config=configs/default.py:huge"], 2,
      "Invalid config: --config=configs/default.py:huge: configs/default.py variant 'huge': "
-     "expected '', 'tiny' or 'tiny_ssl'."),
+     "'huge' is not 'tiny', 'tiny_ssl', 'pretrain' or an objective"),
     ("config file missing", ["--config=configs/nope.py"], 2,
      "Invalid config: --config=configs/nope.py: No such file or directory: 'configs/nope.py'"),
     ("unknown --config.data field", ["--config=configs/default.py:tiny", "--config.data.foo=1"], 2,
