@@ -329,9 +329,9 @@ def help_text(argv: list[str]) -> str:
       node = node[part]
     value = repr(node.to_dict() if isinstance(node, ml_collections.ConfigDict) else node)
     hparam = field.rpartition(".")[2]
-    if field.startswith("objective.hparams.") and objectives.DEFAULT_HPARAMS.get(hparam) is not None \
-        and node is None:
-      value += f" (= {objectives.DEFAULT_HPARAMS[hparam]!r})"
+    hp_default = objectives.DEFAULT_HPARAMS.get(hparam)
+    if field.startswith("objective.hparams.") and node is None and hp_default is not None:
+      value += f" (= {hp_default!r})"
     out.append(f"  {field} = {value}")
     out.append(textwrap.fill(meaning, width=100, initial_indent=" " * 6,
                              subsequent_indent=" " * 6, break_on_hyphens=False))

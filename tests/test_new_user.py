@@ -40,7 +40,8 @@ def test_no_positive_gain_is_not_blamed_on_the_temperature():
   gain[0, 1] = -0.2
   message = _warning(gain)
   assert message.startswith("No pair has a positive gain (all 36 gains <= 0")
-  assert "temperature plays no part" in message and "more fine-tuning steps will not help" in message
+  assert "temperature plays no part" in message
+  assert "more fine-tuning steps will not help" in message
   assert "smaller config.selmix.temperature" not in message and "36 positive-gain" not in message
 
 

@@ -584,9 +584,10 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
     image_size: side to resize images to: image folders and in-memory TFDS sets
       (None keeps the stored size), and the ImageNet side (None = 224).
     class_names: image_folder only: class order (None = the class folders of the training
-      split from most to least images, ties by name, SPEC §2). Every split is labelled with the training split's classes: a
-      split without a class is logged as a warning (that class is absent there), a class
-      folder the training split lacks is a ValueError naming the folder.
+      split from most to least images, ties by name, SPEC §2). Every split is labelled with
+      the training split's classes: a split without a class is logged as a warning (that
+      class is absent there), a class folder the training split lacks is a ValueError naming
+      the folder.
     imagenet100_classes: None = the shipped CMC list, or a list / path of a .txt.
     digits_test_fraction: share of each digits class held out as test (0.3).
     mean, std: per-channel statistics in [0, 1]; None = standard values of the data
