@@ -127,8 +127,9 @@ FIELD_DOCS = {
     "model.kwargs": "backbone options, e.g. {'width': 8} for cnn_small (set in a config file)",
     "model.dtype": "backbone compute dtype, 'float32' or 'bfloat16' (parameters, logits, losses "
                    "and gains stay float32)",
-    "pretrain.method": "'supervised' (logit-adjusted cross-entropy) or 'fixmatch' "
-                       "(FixMatch(LA), semi-supervised)",
+    "pretrain.method": "'supervised' (logit-adjusted cross-entropy), 'fixmatch' (FixMatch(LA), "
+                       "semi-supervised) or 'mislas' (MiSLAS: mixup, then a re-trained "
+                       "label-aware classifier; its fields below)",
     "pretrain.num_steps": "pre-training steps",
     "pretrain.batch_size": "global labeled batch per step",
     "pretrain.unlabeled_ratio": "FixMatch mu: unlabeled images per labeled one in a batch",
@@ -146,6 +147,28 @@ FIELD_DOCS = {
     "pretrain.log_every": "steps between training-metric logs",
     "pretrain.eval_every": "steps between validation passes",
     "pretrain.checkpoint_every": "steps between checkpoints (a stopped run resumes from the last)",
+    "pretrain.mislas.stage1_epochs": "MiSLAS stage 1 (mixup, whole model): epochs "
+                                     "(pretrain.num_steps is not used)",
+    "pretrain.mislas.alpha": "MiSLAS stage 1 mixup weight ~ Beta(alpha, alpha)",
+    "pretrain.mislas.schedule": "MiSLAS stage 1 per-epoch schedule: 'step' (warm-up, then x "
+                                "decay_factor at decay_epochs) or 'cosine'",
+    "pretrain.mislas.warmup_epochs": "MiSLAS stage 1 linear warm-up epochs ('step' schedule)",
+    "pretrain.mislas.decay_epochs": "MiSLAS stage 1 epochs where the 'step' schedule decays",
+    "pretrain.mislas.decay_factor": "MiSLAS stage 1 learning-rate factor at each decay epoch",
+    "pretrain.mislas.stage2_epochs": "MiSLAS stage 2 (frozen backbone, class-balanced batches, "
+                                     "label-aware smoothing): epochs",
+    "pretrain.mislas.stage2_learning_rate": "MiSLAS stage 2 learning rate of the per-class "
+                                            "logit scales (LWS)",
+    "pretrain.mislas.head_lr_factor": "MiSLAS stage 2 classifier learning rate / "
+                                      "stage2_learning_rate",
+    "pretrain.mislas.smooth_head": "MiSLAS label smoothing of the most frequent class",
+    "pretrain.mislas.smooth_tail": "MiSLAS label smoothing of the least frequent class",
+    "pretrain.mislas.smooth_shape": "MiSLAS smoothing from head to tail: 'concave', 'linear' "
+                                    "or 'convex'",
+    "pretrain.mislas.shift_bn": "MiSLAS stage 2 runs the backbone with batch statistics "
+                                "(re-estimating its running statistics)",
+    "pretrain.mislas.samples_per_class": "MiSLAS stage 2: consecutive examples of one class in "
+                                         "the class-balanced stream",
     "selmix.init_checkpoint": "the pre-trained model: <pretrain workdir>/checkpoints, or a "
                               "converted release checkpoint (set by pretrain_and_selmix)",
     "selmix.use_ema": "fine-tune the checkpoint's EMA weights (when it has them)",
