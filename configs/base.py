@@ -190,6 +190,9 @@ FIELD_DOCS = {
     "selmix.floor": "weight of the uniform floor mixed into P (None = 1/K)",
     "selmix.gain_form": "'exact' gain (SPEC) or 'reference' (the authors' release)",
     "selmix.train_bias": "the gain's SGD step also moves the head bias",
+    "selmix.train_backbone": "False = fine-tune the head only (the backbone and its BatchNorm "
+                             "statistics stay frozen; with train_augment='none' on features "
+                             "computed once)",
     "selmix.gain_chunk_size": "rows of the gain matrix computed at once (None = automatic; "
                               "set for large K)",
     "selmix.pairs": "pair strategy (listed below): 'gain' (SelMix), controls 'uniform', "
