@@ -162,10 +162,9 @@ PRETRAIN_METHOD = ["mislas"]  # set from --pretrain in main
 
 def _show_progress() -> None:
   """absl INFO lines (each stage's steps/s and ETA) on stderr, as under `app.run`."""
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  from selmix_jax import loop  # pylint: disable=g-import-not-at-top
 
-  logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
+  loop.show_progress()
 
 
 def _variant_spec(name: str) -> tuple[str, dict]:
