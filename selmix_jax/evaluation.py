@@ -7,6 +7,11 @@ per-device step ignores; each process loads and evaluates only its slice of ever
 confusion counts are `psum`'d across all devices inside the step, and the per-device feature sums
 and predictions are combined on the host in a fixed global order (`evaluate`), so a multi-process
 run computes exactly what one process computes over the same devices.
+
+A split uploaded to the devices (`data.device.Resident`, the device-resident path) is evaluated
+by one compiled program instead (`device_pass`): the same per-device step over the same padded
+batches, looped on the device, with the same integer counts; only the counts, per-class feature
+sums and predictions come back.
 """
 
 import dataclasses
@@ -20,6 +25,7 @@ from typing import Any, Callable
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 
 from selmix_jax import errors
@@ -27,6 +33,7 @@ from selmix_jax import metrics
 from selmix_jax import steps
 from selmix_jax import train_state
 from selmix_jax.data import augment
+from selmix_jax.data import device
 from selmix_jax.data import loader
 from selmix_jax.data import pipeline
 
@@ -164,6 +171,93 @@ def evaluate(
   return result
 
 
+def device_pass(
+    variables,
+    data: device.DeviceSplit,
+    *,
+    batch_size: int,
+    num_devices: int,
+    num_classes: int,
+    preprocess_fn: Callable[..., Any],
+    apply_fn: Callable[..., Any],
+    axis_name: str = "batch",
+) -> dict[str, jax.Array]:
+  """Per-device body of an exact pass over a device-resident split (call it inside `pmap`).
+
+  The batches are those of the host path (`pipeline.eval_plan`): global batch `t` holds
+  examples `t * batch_size ...` in order, device `d` its `d`-th block of `batch_size /
+  num_devices`, the last batch padded with masked rows; each goes through `steps.eval_step`
+  inside one `lax.scan`.
+
+  Args:
+    variables: `{'params', 'batch_stats'}` (this device's replica).
+    data: this device's copy of the split (`DeviceSplit` without the device axis).
+    batch_size: global evaluation batch size (divisible by `num_devices`).
+    num_devices: devices on `axis_name`.
+    num_classes: K.
+    preprocess_fn: `(uint8 images, keys) -> float32`; no keys are passed.
+    apply_fn: `model.apply`.
+    axis_name: the device axis.
+
+  Returns:
+    `confusion` `[K, K]` int32, `class_counts` `[K]` int32 and `feature_sums` `[K, D]` float32,
+    all summed over the devices; `preds` `[T, b]` int32 and `max_prob` `[T, b]` of this
+    device's rows of every batch.
+  """
+  n = data.images.shape[0]
+  local = batch_size // num_devices
+  first = jax.lax.axis_index(axis_name) * local + jnp.arange(local)
+
+  def one(totals, t):
+    position = t * batch_size + first
+    take = jnp.minimum(position, n - 1)
+    batch = {"images": data.images[take], "labels": data.labels[take], "mask": position < n}
+    out = steps.eval_step(
+        variables, batch, num_classes=num_classes, apply_fn=apply_fn,
+        preprocess_fn=lambda images: preprocess_fn(images, None), axis_name=axis_name,
+        psum_features=False,
+    )
+    totals = {k: totals[k] + out[k] for k in totals}
+    return totals, {"preds": out["preds"], "max_prob": out["max_prob"]}
+
+  k = num_classes
+  dim = jax.eval_shape(
+      lambda x: apply_fn(variables, x, train=False, method="features"),
+      jax.ShapeDtypeStruct((1, *data.images.shape[1:]), jnp.float32),
+  ).shape[-1]
+  zeros = {
+      "confusion": jnp.zeros((k, k), jnp.int32),
+      "class_counts": jnp.zeros((k,), jnp.int32),
+      "feature_sums": jnp.zeros((k, dim), jnp.float32),
+  }
+  totals, rows = jax.lax.scan(one, zeros, jnp.arange(-(-n // batch_size)))
+  totals["feature_sums"] = jax.lax.psum(totals["feature_sums"], axis_name)
+  return {**totals, **rows}
+
+
+def device_result(out: dict[str, jax.Array], num_examples: int, *, name: str = "") -> EvalResult:
+  """The `EvalResult` of a pmapped `device_pass`'s outputs (leading device axis), checked as
+  `evaluate` checks its own."""
+  first = lambda x: train_state.local_replicas(x)[0]
+  in_order = lambda x: train_state.local_replicas(x).transpose(1, 0, 2).reshape(-1)[:num_examples]
+  result = EvalResult(
+      confusion=first(out["confusion"]).astype(np.int64),
+      feature_sums=first(out["feature_sums"]).astype(np.float64),
+      class_counts=first(out["class_counts"]).astype(np.int64),
+      preds=in_order(out["preds"]),
+      max_prob=in_order(out["max_prob"]),
+  )
+  if result.confusion.sum() != num_examples:
+    raise RuntimeError(
+        f"Evaluation on the device counted {result.confusion.sum()} examples, expected "
+        f"{num_examples}."
+    )
+  metrics.check_counts(
+      result.confusion, where=f"Evaluation pass {name} over {num_examples} examples".strip()
+  )
+  return result
+
+
 def _gather_processes(x: np.ndarray) -> np.ndarray:
   """`[P, ...]`: this process's array stacked with every other process's (P = 1 alone)."""
   if jax.process_count() == 1:
@@ -208,17 +302,35 @@ class Evaluator:
       options: loader.Options | None = None,
       head_mask=None,
       batch_size_field: str = "config.eval_batch_size",
+      resident: device.Resident | None = None,
   ):
+    """Args (besides the model and `data.Datasets`):
+    batch_size: global evaluation batch size.
+    use_ema: evaluate a TrainState's EMA copy.
+    options: how host batches are loaded.
+    head_mask: the head/tail split of the summaries.
+    batch_size_field: the config field of `batch_size` (named when a pass runs out of memory).
+    resident: splits uploaded to the devices; a pass over one of them is one compiled program
+      (`device_pass`), any other split takes the host path.
+    """
     self.options = options
     self.batch_size_field = batch_size_field
     self.head_mask = head_mask
+    preprocess = augment.make_preprocess("none", mean=datasets.mean, std=datasets.std)
     self.p_eval_step = make_p_eval_step(
-        model,
-        num_classes=datasets.num_classes,
-        preprocess_fn=augment.make_preprocess("none", mean=datasets.mean, std=datasets.std),
+        model, num_classes=datasets.num_classes, preprocess_fn=preprocess
     )
     self.batch_size = batch_size
     self.use_ema = use_ema
+    self.resident = resident
+    # The per-device pass over a device-resident split, for programs that embed it (SelMix's
+    # refresh) and for `__call__` (`p_device_pass`).
+    self.pass_body = functools.partial(
+        device_pass, batch_size=batch_size, num_devices=jax.local_device_count(),
+        num_classes=datasets.num_classes, preprocess_fn=preprocess, apply_fn=model.apply,
+        axis_name="batch",
+    )
+    self.p_device_pass = jax.pmap(self.pass_body, axis_name="batch")
 
   def summary(self, result: EvalResult) -> dict[str, Any]:
     """Every SPEC §2 metric of `result`, with this run's head mask."""
@@ -230,11 +342,21 @@ class Evaluator:
     if name and announce:
       logging.info("Evaluating %s (%d examples).", name, len(split))
     variables = state_repl.eval_variables(use_ema=self.use_ema)
+    on_device = self.resident.get(split) if self.resident is not None else None
     with errors.out_of_memory("An evaluation pass", self.batch_size_field, self.batch_size):
-      return evaluate_split(
-          self.p_eval_step, variables, split, batch_size=self.batch_size, options=self.options,
-          name=name, announce=announce,
+      if on_device is None:
+        return evaluate_split(
+            self.p_eval_step, variables, split, batch_size=self.batch_size,
+            options=self.options, name=name, announce=announce,
+        )
+      start = time.monotonic()
+      result = device_result(self.p_device_pass(variables, on_device), len(split), name=name)
+    if name and announce:
+      logging.info(
+          "Evaluated %s on the device: %d examples in %.2f s.", name, len(split),
+          time.monotonic() - start,
       )
+    return result
 
 
 class EvalCache:

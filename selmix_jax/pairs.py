@@ -61,6 +61,12 @@ class PairStrategy(abc.ABC):
   def sample(self, batch_size: int, *, seed: int, step: int) -> tuple[np.ndarray, np.ndarray]:
     """`(idx1 [B], idx2 [B])`: global batch of positions in the labeled and partner pools."""
 
+  def class_pairs(self) -> sampling.ClassPairs | None:
+    """The current draws as class pairs with uniform examples within each class, for the
+    device-resident path (`selmix_jax.data.device`), or None when the strategy cannot be said
+    that way (then fine-tuning draws on the host with `sample`)."""
+    return None
+
 
 class GainPairs(PairStrategy):
   """SelMix: pairs of classes from P (with the uniform floor), examples uniform per class."""
@@ -70,7 +76,7 @@ class GainPairs(PairStrategy):
     self._sampler = sampling.PairSampler(self.labels, self.partner_labels, num_classes=num_classes)
     self._table = None
 
-  def _class_pairs(self, pair_probs: np.ndarray) -> np.ndarray:
+  def _pair_weights(self, pair_probs: np.ndarray) -> np.ndarray:
     return np.asarray(pair_probs)
 
   def refreshed(self, pair_probs, partner_labels):
@@ -79,7 +85,7 @@ class GainPairs(PairStrategy):
     if not np.array_equal(partner_labels, self.partner_labels):
       new.partner_labels = partner_labels
       new._sampler = self._sampler.with_partner_labels(partner_labels)
-    new._table = new._sampler.prepare(self._class_pairs(pair_probs), floor=self.floor)
+    new._table = new._sampler.prepare(self._pair_weights(pair_probs), floor=self.floor)
     return new
 
   def sample(self, batch_size, *, seed, step):
@@ -88,13 +94,18 @@ class GainPairs(PairStrategy):
     idx1, idx2, _, _ = self._sampler.sample(self._table, batch_size, seed=seed, step=step)
     return idx1, idx2
 
+  def class_pairs(self):
+    if self._table is None:
+      raise RuntimeError(f"{type(self).__name__}.class_pairs before the first refreshed().")
+    return self._sampler.class_pairs(self._table)
+
 
 class UniformPairs(GainPairs):
   """Control: class pairs uniform over all K², examples uniform within each class."""
 
   uses_pair_probs = False
 
-  def _class_pairs(self, pair_probs):
+  def _pair_weights(self, pair_probs):
     k = self.num_classes
     return np.full((k, k), 1.0 / k**2)
 
@@ -115,6 +126,11 @@ class InstancePairs(PairStrategy):
     idx1 = rng.integers(0, len(self.labels), batch_size)
     idx2 = rng.integers(0, len(self.partner_labels), batch_size)
     return idx1, idx2
+
+  def class_pairs(self):
+    if (self.labels < 0).any() or (self.partner_labels < 0).any():
+      return None  # Examples without a class: only the host's uniform draw reaches them.
+    return sampling.ClassPairs.instances(self.labels, self.partner_labels, self.num_classes)
 
 
 _REGISTRY: dict[str, Callable[..., PairStrategy]] = {

@@ -93,6 +93,48 @@ class PairTable:
   last: int
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassPairs:
+  """A pair distribution as a device sampler draws it (`selmix_jax.data.device.pair_table`):
+  a class pair from `probs`, then an example uniformly within each class of its pool.
+
+  Attributes:
+    probs: `[K, K]` float64 probabilities of the class pairs (sums to 1; 0 where a class has no
+      examples in its pool).
+    order1, offsets1, counts1: pool 1's example positions sorted by class (`[N1_valid]`), where
+      each class starts in `order1` (`[K]`) and how many it has (`[K]`).
+    order2, offsets2, counts2: the same for pool 2 (the partner pool).
+  """
+
+  probs: np.ndarray
+  order1: np.ndarray
+  offsets1: np.ndarray
+  counts1: np.ndarray
+  order2: np.ndarray
+  offsets2: np.ndarray
+  counts2: np.ndarray
+
+  @classmethod
+  def of(cls, probs, pool1: "_ClassIndex", pool2: "_ClassIndex") -> "ClassPairs":
+    return cls(np.asarray(probs, np.float64), pool1.order, pool1.offsets, pool1.counts,
+               pool2.order, pool2.offsets, pool2.counts)
+
+  @classmethod
+  def instances(cls, labels, partner_labels, num_classes: int) -> "ClassPairs":
+    """x1 and x2 uniform over their pools' examples, as class pairs: `P_ij ∝ n1_i · n2_j` then
+    uniform within each class draws every example pair with probability `1 / (N1 · N2)`.
+
+    Raises:
+      ValueError: a negative label (an example that a class draw would never reach).
+    """
+    if np.any(np.asarray(labels) < 0) or np.any(np.asarray(partner_labels) < 0):
+      raise ValueError("instance pairs as class pairs need every label >= 0")
+    pool1 = _ClassIndex.build(labels, num_classes)
+    pool2 = _ClassIndex.build(partner_labels, num_classes)
+    probs = np.outer(pool1.counts, pool2.counts).astype(np.float64)
+    return cls.of(probs / probs.sum(), pool1, pool2)
+
+
 def _log_absent(pool: str, absent: tuple[int, ...]) -> None:
   if absent:
     _LOG.info("PairSampler: %d classes have no %s examples and are never drawn on that "
@@ -246,6 +288,10 @@ class PairSampler:
     mixed /= remaining
     flat = mixed.reshape(-1)
     return PairTable(probs=mixed, cdf=np.cumsum(flat), last=int(np.flatnonzero(flat)[-1]))
+
+  def class_pairs(self, table: PairTable) -> ClassPairs:
+    """`table` with both pools' class index, for a device sampler (`ClassPairs`)."""
+    return ClassPairs.of(table.probs, self._pool1, self._pool2)
 
   def sample(
       self,

@@ -94,6 +94,7 @@ def make_refresh_fn(
     form: str = "exact",
     train_bias: bool = False,
     chunk_size: int | None = None,
+    jit: bool = True,
 ):
   """The jitted refresh `(state, confusion, prototypes, kernel, bias, partner_labels) -> state`.
 
@@ -109,6 +110,8 @@ def make_refresh_fn(
     form: gain form, 'exact' (SPEC) or 'reference' (the authors' release).
     train_bias: whether the gain's SGD step also moves the head bias.
     chunk_size: row block of the gain's softmax (None = automatic).
+    jit: False returns the pure function unjitted, to compile it into a larger program (the
+      device-resident refresh: validation pass + refresh in one program).
 
   Returns:
     The jitted function. Arguments: `state` a `SelMixState`; `confusion` `[K, K]` validation
@@ -140,7 +143,7 @@ def make_refresh_fn(
         num_refreshes=n + 1,
     )
 
-  return jax.jit(refresh)
+  return jax.jit(refresh) if jit else refresh
 
 
 def should_stop(max_gains: Any, *, window: int, tol: float) -> bool:

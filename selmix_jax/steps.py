@@ -27,12 +27,14 @@ import optax
 from selmix_jax import confusion as confusion_lib
 from selmix_jax import train_state
 from selmix_jax.data import augment
+from selmix_jax.data import device as device_lib
 
 Preprocess = Callable[[jax.Array, jax.Array], jax.Array]
 
 # Random streams folded in after the step, so different uses of one example never share keys.
 _STREAM_LABELED_WEAK, _STREAM_UNLABELED_WEAK, _STREAM_UNLABELED_STRONG = 0, 1, 2
 _STREAM_X1, _STREAM_X2, _STREAM_MIX = 3, 4, 5
+_STREAM_PAIRS = 6  # The device-resident pair draw (`device_selmix_step`).
 
 
 def logit_adjustment(class_counts: np.ndarray, tau: float) -> np.ndarray | None:
@@ -225,7 +227,8 @@ def selmix_step(
       'index2' [b]}.
     key: base PRNG key.
     preprocess_fn: `(images, keys) -> float32 images`.
-    mix_weight_min: lower end of the uniform mix weight.
+    mix_weight_min: lower end of the uniform mix weight (a float, or a traced scalar when the
+      step is `vmap`ped over runs that differ in it).
     fuse_passes: compute both passes in one `vmap`ped call over a stacked [2, b] batch
       (BatchNorm statistics still per pass); same numbers, one larger convolution per layer.
     bn_stats: 'batch' (each pass's own statistics) or 'running' (the frozen running
@@ -281,6 +284,58 @@ def selmix_step(
       "mix_weight": mix_weight.mean(),
   }
   return state, jax.lax.pmean(metrics, axis_name)
+
+
+def device_selmix_step(
+    state: train_state.TrainState,
+    run: dict[str, jax.Array],
+    pools: dict[str, Any],
+    table: dict[str, jax.Array],
+    *,
+    batch_size: int,
+    axis_name: str = "batch",
+    **selmix_kwargs,
+) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+  """`selmix_step` on device-resident pools: the pairs are drawn, gathered and augmented here.
+
+  This device draws its `batch_size` pairs from `table` (`data.device.sample_pairs`) with the
+  key `fold_in(fold_in(fold_in(key, step), stream), device index)`, so a resumed run draws the
+  same batches; the images come from this device's copy of the pools.
+
+  Args:
+    state: this device's TrainState.
+    run: `{'seed': int32 [], 'mix_weight_min': float32 []}` of the run (arrays, so the step can
+      be `vmap`ped over runs that differ in them); the base key is `key(seed + 2)`, as on the
+      host path.
+    pools: `{'first': DeviceSplit, 'second': DeviceSplit}` without the device axis (x1's pool,
+      whose labels are kept, and the partner pool).
+    table: the run's `data.device.pair_table` arrays.
+    batch_size: pairs per device.
+    axis_name: the device axis.
+    **selmix_kwargs: the rest of `selmix_step`'s keyword arguments (`preprocess_fn`,
+      `bn_stats`, `fuse_passes`).
+
+  Returns:
+    What `selmix_step` returns.
+  """
+  key = jax.random.key(run["seed"] + 2)
+  pair_key = jax.random.fold_in(
+      jax.random.fold_in(jax.random.fold_in(key, state.step), _STREAM_PAIRS),
+      jax.lax.axis_index(axis_name),
+  )
+  pos1, pos2 = device_lib.sample_pairs(table, pair_key, batch_size)
+  first, second = pools["first"], pools["second"]
+  batch = {
+      "images1": first.images[pos1],
+      "labels1": first.labels[pos1],
+      "index1": first.index[pos1],
+      "images2": second.images[pos2],
+      "index2": second.index[pos2],
+  }
+  return selmix_step(
+      state, batch, key, mix_weight_min=run["mix_weight_min"], axis_name=axis_name,
+      **selmix_kwargs,
+  )
 
 
 def eval_step(

@@ -84,7 +84,7 @@ def test_default_tiny_runs_on_four_devices_and_writes_outputs(uninterrupted):
 def test_resume_after_preemption_matches_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
   full_dir, full_result = uninterrupted
   workdir = str(tmp_path)
-  original_step = finetune._Run.train_step
+  original_step = finetune._HostSteps.train_step
 
   def preempting_step(self, step):
     # Kill the fine-tuning stage before step 8 (its checkpoint at step 6 is the last one).
@@ -92,10 +92,10 @@ def test_resume_after_preemption_matches_uninterrupted_run(uninterrupted, tmp_pa
       raise _Preempted()
     return original_step(self, step)
 
-  monkeypatch.setattr(finetune._Run, "train_step", preempting_step)
+  monkeypatch.setattr(finetune._HostSteps, "train_step", preempting_step)
   with pytest.raises(_Preempted):
     train.train_and_evaluate(default.get_config("tiny"), workdir)
-  monkeypatch.setattr(finetune._Run, "train_step", original_step)
+  monkeypatch.setattr(finetune._HostSteps, "train_step", original_step)
   result = train.train_and_evaluate(default.get_config("tiny"), workdir)
 
   step_a, params_a, selmix_a = _final_params(os.path.join(full_dir, "selmix"))

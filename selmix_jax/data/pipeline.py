@@ -434,6 +434,10 @@ def default_config() -> ml_collections.ConfigDict:
       "num_workers": -1,
       "prefetch": 2,
       "train_augment": "pad_crop",
+      # SelMix fine-tuning with in-memory splits on the devices (`data.device`): 'auto' (on a
+      # non-CPU backend when they fit), True or False; the uploads' budget per device.
+      "device_resident": ml_collections.FieldReference("auto", field_type=object),
+      "device_memory_gb": 8.0,
     }
   )
 
@@ -601,6 +605,11 @@ def build(config: ml_collections.ConfigDict) -> Datasets:
     train_augment: the crop of every weak training view (pre-training, FixMatch's weak and
       strong views, SelMix): 'pad_crop' (flip + reflect-pad-4 crop, CIFAR) or
       'random_resized_crop' (torchvision's RandomResizedCrop + flip, ImageNet).
+    device_resident: SelMix fine-tuning keeps its in-memory splits on the devices, draws its
+      pairs there and refreshes in one compiled program (`data.device`): 'auto' = when the
+      backend is not the CPU and the splits fit `device_memory_gb`; True = always (an error
+      says why it cannot); False = the host path (batches streamed by `loader.Feed`).
+    device_memory_gb: budget of those uploads per device (uint8 images).
 
   SPEC §8 settings, e.g. CIFAR-10-LT SSL: name='cifar10', labeled_max=1500,
   labeled_imbalance=100, unlabeled_max=3000, unlabeled_imbalance=100 (or 1, or
