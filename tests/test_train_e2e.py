@@ -250,3 +250,95 @@ def test_selmix_in_bfloat16_keeps_float32_parameters_and_gains(uninterrupted, tm
   assert np.asarray(selmix_state["gain"]).dtype == np.float32
   assert np.isfinite(np.asarray(selmix_state["gain"])).all()
   assert np.asarray(result["after"]["test"]["confusion"]).sum() > 0
+
+
+def _device_configs(full_dir):
+  """Two runs for one program: SelMix(min_recall) seed 0 and the instance control seed 1."""
+  gain = _finetune_config(full_dir, **{"data.device_resident": True})
+  control = _finetune_config(
+    full_dir, **{"data.device_resident": True, "selmix.pairs": "instance",
+                 "selmix.mix_weight_min": 0.8}
+  )
+  with control.unlocked():
+    control.seed = 1
+  return [gain, control]
+
+
+@pytest.fixture(scope="module")
+def device_runs(uninterrupted, tmp_path_factory):
+  """The two runs of `_device_configs` in one `run_many` program, uninterrupted."""
+  full_dir, _ = uninterrupted
+  root = tmp_path_factory.mktemp("many")
+  workdirs = [str(root / "gain"), str(root / "instance")]
+  ds = data.build(_device_configs(full_dir)[0].data)
+  return workdirs, finetune.run_many(_device_configs(full_dir), workdirs, ds), ds
+
+
+def test_run_many_writes_each_workdir_like_a_solo_run_and_moves_like_the_host_path(
+    uninterrupted, device_runs
+):
+  _, host = uninterrupted
+  workdirs, results, _ = device_runs
+  for workdir in workdirs:
+    for name in ("summary.json", "before.json", "results.md", "run.json", "recalls.png"):
+      assert os.path.isfile(os.path.join(workdir, name)), (workdir, name)
+    assert _final_params(workdir)[0] == 12
+  assert results[0]["method"] == "SelMix (min_recall)" and results[1]["method"] == "instance mixup"
+  assert len(reporting.load_history(workdirs[0])) == 3  # Refreshes at steps 0, 4, 8.
+  assert not reporting.load_history(workdirs[1])
+  # The same starting point as the host path, and after 12 steps the same place within a few
+  # test images (other draws, same distribution).
+  np.testing.assert_array_equal(host["before"]["test"]["confusion"],
+                                results[0]["before"]["test"]["confusion"])
+  for metric in ("accuracy", "mean_recall"):
+    assert abs(host["after"]["test"][metric] - results[0]["after"]["test"][metric]) < 0.03
+
+
+def test_run_many_resumes_bit_for_bit_and_each_run_equals_it_alone(
+    uninterrupted, device_runs, tmp_path, monkeypatch
+):
+  full_dir, _ = uninterrupted
+  workdirs, results, ds = device_runs
+  resumed = [str(tmp_path / "gain"), str(tmp_path / "instance")]
+  original = finetune._DeviceSteps.train_step
+
+  def preempting_step(self, step):
+    if step == 8:  # The checkpoint at step 6 is the last one.
+      raise _Preempted()
+    return original(self, step)
+
+  monkeypatch.setattr(finetune._DeviceSteps, "train_step", preempting_step)
+  with pytest.raises(_Preempted):
+    finetune.run_many(_device_configs(full_dir), resumed, ds)
+  monkeypatch.setattr(finetune._DeviceSteps, "train_step", original)
+  again = finetune.run_many(_device_configs(full_dir), resumed, ds)
+  for a, b in zip(workdirs, resumed):
+    step_a, params_a, selmix_a = _final_params(a)
+    step_b, params_b, selmix_b = _final_params(b)
+    assert step_a == step_b == 12
+    jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+    np.testing.assert_array_equal(selmix_a["pair_probs"], selmix_b["pair_probs"])
+  for r, s in zip(results, again):
+    np.testing.assert_array_equal(r["after"]["test"]["confusion"], s["after"]["test"]["confusion"])
+  # A finished workdir is skipped: its stored result comes back without training.
+  skipped = finetune.run_many(_device_configs(full_dir)[:1], resumed[:1], ds)
+  assert skipped[0]["after"]["test"]["confusion"] == again[0]["after"]["test"]["confusion"].tolist()
+  # The SelMix run alone (device path, through the launcher's entry point) = its slot of the two.
+  alone = str(tmp_path / "alone")
+  train.train_and_evaluate(_device_configs(full_dir)[0], alone)
+  _, params_alone, selmix_alone = _final_params(alone)
+  _, params_many, selmix_many = _final_params(workdirs[0])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params_alone, params_many
+  )
+  np.testing.assert_allclose(selmix_alone["pair_probs"], selmix_many["pair_probs"], rtol=1e-3,
+                             atol=1e-6)
+
+
+def test_run_many_refuses_configs_that_differ_in_a_shared_field(uninterrupted, tmp_path):
+  full_dir, _ = uninterrupted
+  configs = _device_configs(full_dir)
+  with configs[1].unlocked():
+    configs[1].selmix.learning_rate = 0.1
+  with pytest.raises(ValueError, match="config.selmix.learning_rate=0.1"):
+    finetune.run_many(configs, [str(tmp_path / "a"), str(tmp_path / "b")], None)
