@@ -426,17 +426,9 @@ class _DeviceSteps:
     self.sizes = (len(self.pools["first"]), len(self.pools["second"]))
     self.tables = [device.pair_table(r.strategy.class_pairs(), *self.sizes) for r in runs]
     self.tables_on_device = None
-    body = functools.partial(
-        steps.device_selmix_step,
-        batch_size=cfg.batch_size // jax.local_device_count(),
-        preprocess_fn=augment.make_preprocess(
-            "weak", mean=ds.mean, std=ds.std, crop=config.data.train_augment
-        ),
-        bn_stats=cfg.bn_stats,
-        axis_name="batch",
-    )
-    self.p_train_step = jax.pmap(
-        jax.vmap(body, in_axes=(0, 0, None, 0)), axis_name="batch", donate_argnums=(0,)
+    self.p_train_step = _device_step(
+        cfg.batch_size // jax.local_device_count(), tuple(np.asarray(ds.mean).tolist()),
+        tuple(np.asarray(ds.std).tolist()), config.data.train_augment, cfg.bn_stats,
     )
     self._take = jax.jit(
         lambda tree, i: jax.tree.map(lambda x: x[:, i], tree),
@@ -501,6 +493,25 @@ class _DeviceSteps:
 
   def close(self):
     pass
+
+
+@functools.lru_cache(maxsize=8)
+def _device_step(local_batch, mean, std, crop, bn_stats):
+  """The pmapped device-resident step, vmapped over runs (`steps.device_selmix_step`).
+
+  Cached: every `_DeviceSteps` with these settings shares one function, so a process that
+  trains several groups of runs (or a run alone after them) compiles each shape once.
+  """
+  body = functools.partial(
+      steps.device_selmix_step,
+      batch_size=local_batch,
+      preprocess_fn=augment.make_preprocess("weak", mean=mean, std=std, crop=crop),
+      bn_stats=bn_stats,
+      axis_name="batch",
+  )
+  return jax.pmap(
+      jax.vmap(body, in_axes=(0, 0, None, 0)), axis_name="batch", donate_argnums=(0,)
+  )
 
 
 class _Run:
