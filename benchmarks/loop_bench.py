@@ -14,6 +14,8 @@ Prints one table:
 
   python benchmarks/loop_bench.py                   # ResNet-32, CIFAR-sized (a GPU's size)
   python benchmarks/loop_bench.py --smoke           # seconds on a CPU (small CNN, tiny sizes)
+  python benchmarks/loop_bench.py --val 1000 --eval_batch 500 --steps 10 --refresh_every 5 \
+    --runs 3 --reps 2                               # ResNet-32 at a size a CPU measures
 
 Synthetic data (random images, uniform labels); nothing is downloaded. Steps and refreshes of a
 real run cost the same for random and real pixels.
@@ -213,11 +215,14 @@ def many_runs(bench, num_runs, num_steps):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="CPU-sized: seconds, small CNN")
-  for name in ("val", "k_large", "steps", "refresh_every", "runs", "reps"):
+  for name in ("val", "eval_batch", "batch", "k_large", "steps", "refresh_every", "runs", "reps"):
     parser.add_argument(f"--{name}", type=int, default=None)
+  parser.add_argument("--model", default=None, help="a models.from_config name (resnet32)")
   args = parser.parse_args(argv)
   size = dict(SIZES["smoke" if args.smoke else "full"])
   size.update({k: v for k, v in vars(args).items() if k in size and v is not None})
+  if args.model:
+    size.update(model=args.model, width=None)
   device = jax.devices()[0]
   print(f"jax {jax.__version__}, {jax.local_device_count()} x {device.device_kind} "
         f"({jax.default_backend()}); {size['model']}, {size['val']} val images, batch "

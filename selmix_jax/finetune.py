@@ -291,8 +291,8 @@ def uniform_p_warning(gain, spread, *, temperature, temperature_scale) -> str | 
 
 def _resident(config, ds, runs, *, many: bool) -> device.Resident | None:
   """The splits the runs keep on the devices, or None for the host path (`data.device`)."""
-  where = f"config.data.device_resident={config.data.device_resident!r}"
-  setting = device.setting(config.data.device_resident)
+  where = f"config.data.device_resident={config.data.get('device_resident', 'auto')!r}"
+  setting = device.setting(config.data.get("device_resident", "auto"))
   if setting is False:
     if many:
       raise ValueError(f"{where}: run_many trains on the device-resident path only.")
@@ -302,7 +302,7 @@ def _resident(config, ds, runs, *, many: bool) -> device.Resident | None:
   splits = {"first": ds.labeled, "val": ds.val}
   if runs[0].partner is not ds.labeled:
     splits["second"] = runs[0].partner
-  budget = float(config.data.device_memory_gb) * 2**30
+  budget = float(config.data.get("device_memory_gb", 8.0)) * 2**30
   reason = device.why_not(splits, budget)
   host_only = [r.cfg.pairs for r in runs if r.strategy.class_pairs() is None]
   if reason is None and host_only:
