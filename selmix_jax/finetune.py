@@ -75,6 +75,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, datasets) -> dict[str, 
   return _train([config], [workdir], datasets, many=False)[0]
 
 
+class RunManyError(errors.UserError, ValueError):
+  """The configs of one `run_many` call cannot share a program (names the field)."""
+
+
 # What the runs of one `run_many` call may differ in (with the objective, all but its head mask).
 PER_RUN_FIELDS = (
     "seed", "selmix.pairs", "selmix.mix_weight_min", "selmix.temperature",
@@ -115,14 +119,16 @@ def run_many(configs, workdirs, datasets, *, skip_finished: bool = True) -> list
     The runs' results (as `run` returns them), in the order of `configs`.
 
   Raises:
-    ValueError: the configs differ in a shared field (named), early stop with several runs,
-      `device_resident=False`, or data that cannot live on the devices.
+    RunManyError: (a ValueError) the configs differ in a shared field (named), or early stop
+      with several runs.
+    data.device.DeviceResidentError: (a ValueError) `device_resident=False`, or data that
+      cannot live on the devices (says why).
   """
   from selmix_jax import train  # pylint: disable=g-import-not-at-top  (train imports this module)
 
   configs, workdirs = list(configs), [str(w) for w in workdirs]
   if len(configs) != len(workdirs) or not configs:
-    raise ValueError(f"run_many: {len(configs)} configs and {len(workdirs)} workdirs.")
+    raise RunManyError(f"run_many: {len(configs)} configs and {len(workdirs)} workdirs.")
   for config in configs:
     train.validate(config)
   _check_shared(configs)
@@ -170,13 +176,13 @@ def _check_shared(configs) -> None:
     other = _flat(config.to_dict())
     for key in sorted(set(first) | set(other)):
       if not per_run(key) and first.get(key) != other.get(key):
-        raise ValueError(
+        raise RunManyError(
             f"run_many: config {i} has config.{key}={other.get(key)!r}, config 0 has "
             f"{first.get(key)!r}; the runs of one program share it (they may differ only in "
             f"{', '.join(PER_RUN_FIELDS)} and the objective)."
         )
   if len(configs) > 1 and any(c.selmix.early_stop for c in configs):
-    raise ValueError(
+    raise RunManyError(
         "run_many: config.selmix.early_stop=True needs a run of its own (several runs share "
         "one loop); run it with finetune.run."
     )
@@ -295,7 +301,9 @@ def _resident(config, ds, runs, *, many: bool) -> device.Resident | None:
   setting = device.setting(config.data.get("device_resident", "auto"))
   if setting is False:
     if many:
-      raise ValueError(f"{where}: run_many trains on the device-resident path only.")
+      raise device.DeviceResidentError(
+          f"{where}: run_many trains on the device-resident path only."
+      )
     return None
   if setting == "auto" and not many and jax.default_backend() == "cpu":
     return None
@@ -309,7 +317,9 @@ def _resident(config, ds, runs, *, many: bool) -> device.Resident | None:
     reason = f"pair strategy {host_only[0]!r} draws its pairs on the host only"
   if reason is not None:
     if setting is True or many:
-      raise ValueError(f"{where}: the device-resident path cannot be taken: {reason}.")
+      raise device.DeviceResidentError(
+          f"{where}: the device-resident path cannot be taken: {reason}."
+      )
     logging.info("SelMix fine-tuning on the host path: %s.", reason)
     return None
   if device.why_not({**splits, "test": ds.test}, budget) is None:
@@ -410,6 +420,7 @@ class _DeviceSteps:
   def __init__(self, runs, config, ds, resident, evaluate):
     cfg = config.selmix
     self.runs, self.ds, self.resident, self.evaluate = runs, ds, resident, evaluate
+    self.batch_size = cfg.batch_size
     self.states = train_state.replicate(
         jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[r.state for r in runs])
     )
@@ -448,9 +459,12 @@ class _DeviceSteps:
     if self.tables_on_device is None:
       stacked = jax.tree.map(lambda *xs: np.stack(xs), *self.tables)
       self.tables_on_device = jax.tree.map(device.replicated, stacked)
-    self.states, self.metrics = self.p_train_step(
-        self.states, self.hyper, self.pools, self.tables_on_device
-    )
+    with errors.out_of_memory(
+        "A SelMix fine-tuning step", "config.selmix.batch_size", self.batch_size
+    ):
+      self.states, self.metrics = self.p_train_step(
+          self.states, self.hyper, self.pools, self.tables_on_device
+      )
     return self.metrics
 
   def before_refresh(self, index):

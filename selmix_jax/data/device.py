@@ -26,17 +26,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from selmix_jax import errors
 from selmix_jax import train_state
 from selmix_jax.data import pipeline
 
 SETTINGS = ("auto", True, False)
 
 
+class DeviceResidentError(errors.UserError, ValueError):
+  """`config.data.device_resident` asks for what cannot be done (names the field and why)."""
+
+
 def setting(value: Any) -> str | bool:
   """`config.data.device_resident` as 'auto', True or False (also from 'true'/'on'/'false'/...).
 
   Raises:
-    ValueError: anything else, naming the field.
+    DeviceResidentError: (a ValueError) anything else, naming the field.
   """
   if isinstance(value, str):
     lowered = value.strip().lower()
@@ -48,7 +53,7 @@ def setting(value: Any) -> str | bool:
       return False
   elif isinstance(value, (bool, np.bool_)) or value in (0, 1):
     return bool(value)
-  raise ValueError(
+  raise DeviceResidentError(
       f"config.data.device_resident={value!r}; expected 'auto', True or False."
   )
 
