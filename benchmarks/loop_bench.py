@@ -8,7 +8,8 @@ Prints one table:
   * gain + P (K = `--k_large`, synthetic prototypes): the jitted `selmix_state` refresh alone
     (both paths compute it the same way);
   * loop vs step: fine-tuning loop time per step (`loop.run`, a refresh every `--refresh_every`
-    steps) against the bare jitted step called back to back on one fixed batch, for each path;
+    steps; then the same loop without refreshes) against the bare jitted step called back to
+    back (host path: on one fixed device batch; device path: its own draws), for each path;
   * N runs: `--runs` runs of the device path in one program (states stacked, step vmapped) vs
     the same runs one after another, time per step of all N.
 
@@ -134,7 +135,8 @@ def _median_time(fn, reps):
 
 
 def path_times(bench, *, device, reps, num_steps):
-  """One run on one path: `(seconds per whole refresh, loop seconds per step, bare step)`."""
+  """One run on one path: seconds `(per whole refresh, loop per step, loop per step without the
+  refreshes, bare step)`."""
   runs, steps = bench.runs(device=device, configs=[_config(bench.size)])
   r, every = runs[0], bench.size["refresh_every"]
   actions = [loop.Periodic(every, r.refresh)]
@@ -148,10 +150,15 @@ def path_times(bench, *, device, reps, num_steps):
            before_step=actions)
   jax.block_until_ready(steps.metrics_of(0))
   looped = (time.perf_counter() - start) / num_steps
+  start = time.perf_counter()  # The same loop without its refreshes: what each step adds.
+  loop.run(start_step=every + num_steps, num_steps=every + 2 * num_steps,
+           train_step=steps.train_step)
+  jax.block_until_ready(steps.metrics_of(0))
+  plain = (time.perf_counter() - start) / num_steps
   bare = _bare_step(steps, num_steps)
   steps.close()
   r.close()
-  return refresh, looped, bare
+  return refresh, looped, plain, bare
 
 
 def gain_time(k, reps):
@@ -237,9 +244,11 @@ def main(argv=None):
   ms = lambda s: f"{1e3 * s:.2f}"
   rows = [(f"refresh, K = 10, {path} path (ms)", ms(t[0])) for path, t in paths.items()]
   rows.append((f"gain + P alone, K = {size['k_large']} (ms)", ms(gain)))
-  for path, (_, loop_s, step_s) in paths.items():
+  for path, (_, loop_s, plain_s, step_s) in paths.items():
     rows.append((f"{path} path: loop per step / bare step (ms)",
                  f"{ms(loop_s)} / {ms(step_s)} = {loop_s / step_s:.2f}x"))
+    rows.append((f"{path} path: loop without refreshes per step / bare step (ms)",
+                 f"{ms(plain_s)} / {ms(step_s)} = {plain_s / step_s:.2f}x"))
   rows.append((f"{size['runs']} runs per step: one program / one after another (ms)",
                f"{ms(together)} / {ms(apart)} = {apart / together:.2f}x faster"))
   width = max(len(r[0]) for r in rows)

@@ -1,6 +1,5 @@
 """The device-resident path: the pair draw against P, passes and refreshes against the host's."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

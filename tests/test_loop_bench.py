@@ -13,7 +13,7 @@ def test_loop_bench_smoke_prints_every_row(capsys):
   out = bench.main(["--smoke", "--steps", "4", "--reps", "1"])
   text = capsys.readouterr().out
   for row in ("refresh, K = 10, host path", "refresh, K = 10, device path", "gain + P alone",
-              "host path: loop per step", "device path: loop per step", "2 runs per step"):
+              "host path: loop per step", "device path: loop without refreshes", "2 runs per step"):
     assert row in text
   assert all(t > 0 for times in out["paths"].values() for t in times)
   assert out["gain"] > 0 and min(out["many"]) > 0
