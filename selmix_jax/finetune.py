@@ -370,7 +370,7 @@ class _HostSteps:
     return self.metrics
 
   def train_step(self, step):
-    if self.feed is None or self.feed.next_step != step:
+    if self.feed is None or self.feed.next_step != step or step >= self.feed.stop:
       self._open_feed(step)
     batch = self.feed.next(step)
     with errors.out_of_memory(
