@@ -213,6 +213,7 @@ def _train(configs, workdirs, ds, *, many: bool) -> list[dict[str, Any]]:
   if len(resumed) > 1:  # Stopped at different steps: each group of runs in its own loop.
     for r in runs:
       r.close()
+      r.writer.close()
     logging.info("The runs resume from different steps %s: one loop per step.", resumed)
     results = {}
     for step in resumed:
