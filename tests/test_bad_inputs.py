@@ -518,17 +518,26 @@ def _pretrain_step():
 
 
 def _selmix_step():
-  run = types.SimpleNamespace(
-      feed=types.SimpleNamespace(next_step=0, next=lambda step: {}), p_train_step=_raise_oom,
-      state_repl=None, key=None, cfg=types.SimpleNamespace(batch_size=64),
+  steps = types.SimpleNamespace(
+      feed=types.SimpleNamespace(next_step=0, stop=4, next=lambda step: {}),
+      p_train_step=_raise_oom, state_repl=None, key=None,
+      cfg=types.SimpleNamespace(batch_size=64),
   )
-  finetune._Run.train_step(run, 0)  # pylint: disable=protected-access
+  finetune._HostSteps.train_step(steps, 0)  # pylint: disable=protected-access
+
+
+def _device_selmix_step():
+  steps = types.SimpleNamespace(
+      tables_on_device={}, p_train_step=_raise_oom, states=None, hyper=None, pools=None,
+      batch_size=64,
+  )
+  finetune._DeviceSteps.train_step(steps, 0)  # pylint: disable=protected-access
 
 
 def _eval_pass():
   evaluator = types.SimpleNamespace(
       use_ema=False, p_eval_step=None, batch_size=256, options=None,
-      batch_size_field="config.eval_batch_size",
+      batch_size_field="config.eval_batch_size", resident=None,
   )
   state_repl = types.SimpleNamespace(eval_variables=lambda use_ema: {})
   evaluation.Evaluator.__call__(evaluator, state_repl, split=[])
@@ -540,6 +549,9 @@ OOM_CASES = [
      "(8 examples per device on 4 device(s)): lower config.pretrain.batch_size (keeping it a "
      "multiple of 4)."),
     ("SelMix step out of memory", _selmix_step,
+     "A SelMix fine-tuning step ran out of device memory with config.selmix.batch_size=64 "
+     "(16 examples per device on 4 device(s)): lower config.selmix.batch_size"),
+    ("device-resident SelMix step out of memory", _device_selmix_step,
      "A SelMix fine-tuning step ran out of device memory with config.selmix.batch_size=64 "
      "(16 examples per device on 4 device(s)): lower config.selmix.batch_size"),
     ("evaluation out of memory", _eval_pass,
