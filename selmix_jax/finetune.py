@@ -440,7 +440,9 @@ class _DeviceSteps:
     self.tables_on_device = None
     self.p_train_step = _device_step(
         cfg.batch_size // jax.local_device_count(), tuple(np.asarray(ds.mean).tolist()),
-        tuple(np.asarray(ds.std).tolist()), config.data.train_augment, cfg.bn_stats,
+        tuple(np.asarray(ds.std).tolist()), config.data.train_augment,
+        # A frozen backbone computes its features as evaluation does (running statistics).
+        cfg.bn_stats if cfg.get("train_backbone", True) else "running",
     )
     self._take = jax.jit(
         lambda tree, i: jax.tree.map(lambda x: x[:, i], tree),

@@ -79,8 +79,9 @@ def why_not(splits: dict[str, pipeline.Split], budget_bytes: float) -> str | Non
 
 
 def nbytes(split: pipeline.Split) -> int:
-  """uint8 bytes of `split`'s images."""
-  return len(split) * int(np.prod(split.source.image_shape))
+  """Bytes of `split`'s images (uint8, or the source's `dtype`: float32 feature vectors)."""
+  itemsize = np.dtype(getattr(split.source, "dtype", np.uint8)).itemsize
+  return len(split) * int(np.prod(split.source.image_shape)) * itemsize
 
 
 @flax.struct.dataclass
@@ -88,7 +89,8 @@ class DeviceSplit:
   """A split on every local device (leading device axis `D`, one full copy per device).
 
   Attributes:
-    images: uint8 `[D, n, H, W, C]`, the split's images in the order of `split.indices`.
+    images: uint8 `[D, n, H, W, C]`, the split's images in the order of `split.indices` (or
+      the source's float32 feature vectors `[D, n, F]`).
     labels: int32 `[D, n]`.
     index: int32 `[D, n]`, the source index of each example (what augmentation keys fold in).
   """
