@@ -18,7 +18,7 @@ budget=${2:-540}
 OUT=${OUT:-/tmp/device_out}
 mkdir -p "$OUT"
 start=$SECONDS
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 XLA_PYTHON_CLIENT_PREALLOCATE=false
 if [[ -z ${NO_WHEELS:-} ]] && compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
