@@ -17,9 +17,10 @@ a traceback (`SELMIX_TRACEBACK=1` shows it): the command line (an unknown flag o
 value of the wrong type, a config file or variant that cannot be loaded), an invalid config
 (nothing was computed), bad data (an empty folder, an unreadable image, mixed image sizes, a class
 smaller than requested), a workdir that cannot be used (a file, not writable, in use, or holding
-another run), a checkpoint of another model, or a step that ran out of device memory (names the
-batch size field to lower); 3 the training diverged (a NaN/inf loss or state: the message names
-the stage, step, learning rate and the last good checkpoint, which is kept; no summary is written).
+another run: use a new --workdir, or --restart to delete that run), a checkpoint of another model,
+or a step that ran out of device memory (names the batch size field to lower); 3 the training
+diverged (a NaN/inf loss or state: the message names the stage, step, learning rate and the last
+good checkpoint, which is kept; no summary is written).
 """
 
 import functools
@@ -116,6 +117,11 @@ except (AttributeError, KeyError) as e:  # The default config, overridden from s
   exit_if_unknown_field(e, sys.argv)
   raise
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/default", "Output and checkpoint directory.")
+_RESTART = flags.DEFINE_bool(
+    "restart", False,
+    "Delete the run already in --workdir (the checkpoints, summaries, tables, plots and "
+    "TensorBoard files selmix-jax wrote there; nothing else) and start this one afresh.",
+)
 _IMPORTS_HELP = (
     "Module to import before the config is read (repeatable), e.g. one that registers an "
     "objective, model, pair strategy or data set."
@@ -229,7 +235,9 @@ def main(argv):
   # a mistake in any of them prints its line after at most a few one-line INFO records.
   config = exit_on_user_error(_loaded_config)
   try:
-    exit_on_user_error(train.train_and_evaluate, config, _WORKDIR.value)
+    exit_on_user_error(
+        lambda: train.train_and_evaluate(config, _WORKDIR.value, restart=_RESTART.value)
+    )
   except loop.Preempted as e:
     logging.warning("%s", e)
     sys.exit(128 + e.signum)  # What a process killed by that signal reports.

@@ -41,6 +41,17 @@ class NonFiniteCheckpointError(errors.UserError, ValueError):
   """A checkpoint to start from holds NaN or inf (names the array)."""
 
 
+# The ways out of a run directory whose checkpoints another run wrote: neither mixes two runs.
+RESUME_ADVICE = (
+    "Use a new --workdir, or pass --restart to delete the run in that workdir and start afresh."
+)
+# The way out of a starting checkpoint (`config.selmix.init_checkpoint`) of another model.
+INIT_ADVICE = (
+    "Point config.selmix.init_checkpoint at a checkpoint of this model and number of classes, "
+    "or use the model config that wrote it."
+)
+
+
 def make_manager(directory: str, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
   """A manager over `directory` (created if missing) that keeps the newest `max_to_keep` steps.
 
@@ -96,7 +107,9 @@ def restore(manager: ocp.CheckpointManager, template: PyTree, step: int | None =
     raise CheckpointNotFoundError(f"No finished checkpoint in {manager.directory}.")
   template = _to_numpy(template)
   stored = manager.item_metadata(step)
-  _check_compatible(stored, _drop_empty(template), where=f"{manager.directory}/{step}")
+  _check_compatible(
+      stored, _drop_empty(template), where=f"{manager.directory}/{step}", advice=RESUME_ADVICE
+  )
   restored = manager.restore(step, args=ocp.args.StandardRestore(_drop_empty(template)))
   return _fill_empty(restored, template)
 
@@ -149,7 +162,7 @@ def _metadata_leaves(meta: PyTree) -> dict[str, tuple[int, ...]]:
   return out
 
 
-def _check_compatible(stored_meta: PyTree, template: PyTree, *, where: str) -> None:
+def _check_compatible(stored_meta: PyTree, template: PyTree, *, where: str, advice: str) -> None:
   if stored_meta is None:
     return
   if hasattr(stored_meta, "tree"):
@@ -160,23 +173,23 @@ def _check_compatible(stored_meta: PyTree, template: PyTree, *, where: str) -> N
   if missing:
     raise CheckpointMismatchError(
         f"Checkpoint {where} does not match this run: it has no entry {missing[0]!r} "
-        f"({len(missing)} missing). Was it written by a different model or config? Use another "
-        "--workdir, or the config that wrote it."
+        f"({len(missing)} missing). Was it written by a different model or config? {advice}"
     )
   for name, shape in wanted.items():
     if stored[name] != shape:
       raise CheckpointMismatchError(
           f"Checkpoint {where} does not match this run: {name!r} has shape {stored[name]} "
           f"in the checkpoint but {shape} in the model built from the config (different "
-          "model, width or number of classes?). Use another --workdir, or the config that "
-          "wrote it."
+          f"model, width or number of classes?). {advice}"
       )
 
 
-def check_compatible(tree: PyTree, template: PyTree, *, where: str) -> None:
+def check_compatible(
+    tree: PyTree, template: PyTree, *, where: str, advice: str = INIT_ADVICE
+) -> None:
   """Raises a ValueError naming the first entry of `template` that `tree` lacks or shapes
-  differently (e.g. a checkpoint of another model or class count)."""
-  _check_compatible(tree, _drop_empty(_to_numpy(template)), where=where)
+  differently (e.g. a checkpoint of another model or class count), then `advice`."""
+  _check_compatible(tree, _drop_empty(_to_numpy(template)), where=where, advice=advice)
 
 
 def non_finite_entries(tree: PyTree, prefix: str = "") -> list[str]:

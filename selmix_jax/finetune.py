@@ -208,6 +208,8 @@ def _train(configs, workdirs, ds, *, many: bool) -> list[dict[str, Any]]:
   model = models.from_config(config.model, ds.num_classes)
   schedule = optim.cosine_schedule(cfg.learning_rate, cfg.num_steps)
   template, pre_step = _pretrained_state(config, model, ds, schedule)
+  for c, w in zip(configs, workdirs):  # Refuses checkpoints of another config, data or start.
+    workdir_lib.check_stage(w, workdir_lib.fingerprint("selmix", c, ds, init=(pre_step, template)))
   runs = [_Run(c, w, ds, template, schedule, started=t0) for c, w in zip(configs, workdirs)]
   resumed = sorted({r.resumed_at or 0 for r in runs})
   if len(resumed) > 1:  # Stopped at different steps: each group of runs in its own loop.

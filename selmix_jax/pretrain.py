@@ -63,6 +63,8 @@ def run(
       decay_all=cfg.method == "mislas",  # As torch's SGD on their one parameter group.
   )
   state = train_state.create(model, jax.random.key(config.seed), ds.image_shape, tx, ema=use_ema)
+  # Refuses checkpoints of another config or data set (`workdir.WorkdirError`) before reading.
+  workdir_lib.check_stage(workdir, workdir_lib.fingerprint("pretrain", config, ds))
   manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"))
   restored, resumed_at = train_state.restore(manager, {"state": state})
   if resumed_at is not None:

@@ -345,11 +345,15 @@ def _validate_selmix(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs the job `config.mode` in `workdir` (resuming whatever is already there).
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, restart: bool = False
+) -> dict[str, Any]:
+  """Runs the job `config.mode` in `workdir` (resuming whatever of this run is already there).
 
   Holds the workdir's lock while it runs. A job that already finished in `workdir` with the same
-  config prints its stored results and returns them without computing anything.
+  config prints its stored results and returns them without computing anything. A workdir
+  holding another run (finished, or checkpoints of another config or data set) is refused with
+  `workdir.WorkdirError`; `restart=True` (`--restart`) deletes that run first (`workdir.clear`).
   """
   validate(config)
   logging.info(
@@ -360,6 +364,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir_lib.create(workdir)
   config_dict = config.to_dict()
   with workdir_lib.lock(workdir):
+    if restart:
+      workdir_lib.clear(workdir)
     done = workdir_lib.finished(workdir, config_dict)
     if done is not None:
       logging.info("%s holds a finished run of this config; its stored results:", workdir)

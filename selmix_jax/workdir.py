@@ -1,19 +1,34 @@
-"""What a workdir knows about the runs in it: who holds it, and whether its run has finished.
+"""What a workdir knows about the runs in it: who holds it, what its checkpoints belong to, and
+whether its run has finished.
 
 - `create(workdir)`: makes the workdir, or says why it cannot be used (a file, not writable).
 - `lock(workdir)`: one run per workdir. A second run on it fails at once, naming the PID and
   host that hold it; a lock left by a dead process on this host (a killed run) is taken over with
   a warning. In a multi-process run, process 0 holds the lock for all of them.
+- `fingerprint(stage, config, datasets)` / `check_stage(stage_dir, fingerprint)`: each stage's
+  checkpoints carry a fingerprint of what determines them (every config field that changes the
+  numbers, the data: split sizes, class names and counts, a digest of labels, indices and sample
+  pixels, and for fine-tuning the starting weights), written to `<stage dir>/fingerprint.json`
+  before its first checkpoint. Resuming with another fingerprint raises `WorkdirMismatchError` naming
+  the first difference (old and new value) before any checkpoint is read. Checkpoints from
+  before fingerprints resume with a warning.
 - `finished(workdir, config)` / `mark_finished(...)`: a run that ended writes `run.json` (its
   config, result and results table); the same command run again gets the stored result back
   without compiling or evaluating anything, and another config on that workdir is refused with the
   first differing field.
+- `clear(workdir)`: what `--restart` does: deletes the files this project writes in a workdir
+  (a run's checkpoints, summaries, tables, plots and TensorBoard files) and nothing else.
 - `StageClock`: a stage's wall time across restarts (what a preempted and resumed stage reports).
+
+Every refusal offers only ways out that cannot mix two runs: a new `--workdir`, or `--restart`.
 """
 
 import contextlib
+import glob
+import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from typing import Any
@@ -29,6 +44,30 @@ from selmix_jax import reporting
 LOCK_FILE = ".lock"
 DONE_FILE = "run.json"
 WALL_TIME_FILE = "wall_time.json"
+FINGERPRINT_FILE = "fingerprint.json"
+
+# The one list of config fields that do not change a run's numbers. Only logging, evaluation and
+# checkpoint cadence (evaluations and checkpoints read the state, never change it; a resumed run
+# is bit-identical to an uninterrupted one) and the input pipeline's parallelism (batches are
+# functions of (seed, step) whatever loads them). A finished run (`run.json`) and a stage's
+# fingerprint both ignore them; every other field counts.
+CADENCE_FIELDS = (
+    "pretrain.log_every", "pretrain.eval_every", "pretrain.checkpoint_every",
+    "selmix.log_every", "selmix.eval_every", "selmix.checkpoint_every",
+    "data.num_workers", "data.prefetch",
+)  # fmt: skip
+# Paths: a stage's fingerprint holds what they lead to instead (the data's digest, the starting
+# weights'), so moved data or checkpoints still resume; `run.json` compares them as written.
+PATH_FIELDS = ("data.root", "data.data_dir", "data.cache_dir", "selmix.init_checkpoint")
+# Config sections a stage does not read for what it checkpoints. Pre-training: not the
+# fine-tuning fields, the objective (its head_mask only labels reports) or the evaluation batch
+# size (its evaluations feed nothing back); fine-tuning: not the pre-training fields (the
+# starting weights are fingerprinted instead). `mode` only picks the stages.
+STAGE_IGNORES = {
+    "pretrain": ("mode", "selmix", "objective", "eval_batch_size"),
+    "selmix": ("mode", "pretrain"),
+}
+_SAMPLE_IMAGES = 32  # Images per split whose pixels enter the data digest.
 
 
 class WorkdirError(errors.UserError):
@@ -40,7 +79,9 @@ class WorkdirInUseError(WorkdirError, RuntimeError):
 
 
 class WorkdirMismatchError(WorkdirError, ValueError):
-  """The workdir holds a finished run of another config."""
+  """The workdir holds another run: a finished one of another config, or a stage's checkpoints
+  of another config, data set or start (`check_stage`). The message names the first difference,
+  its value there and here, and the two ways out that cannot mix two runs (`advice`)."""
 
 
 def create(workdir: str) -> None:
@@ -80,6 +121,14 @@ def _first_file_above(path: str) -> str:
   while not os.path.exists(path):
     path = os.path.dirname(path)
   return path
+
+
+def advice(workdir: str) -> str:
+  """The ways out of a workdir holding another run; neither can mix two runs' results."""
+  return (
+      f"Use a new --workdir, or pass --restart to delete the run in {workdir} (its "
+      "checkpoints, summaries and tables) and start this one afresh."
+  )
 
 
 @contextlib.contextmanager
@@ -187,6 +236,8 @@ def _alive(pid: int) -> bool:
 def finished(workdir: str, config_dict: dict[str, Any]) -> dict[str, Any] | None:
   """The stored `{'config', 'result', 'text'}` of a finished run of this config, else None.
 
+  Fields of `CADENCE_FIELDS` are not compared (they do not change the stored numbers).
+
   Raises:
     WorkdirMismatchError: (a ValueError) the workdir holds a finished run of another config
       (names the first field that differs).
@@ -194,14 +245,14 @@ def finished(workdir: str, config_dict: dict[str, Any]) -> dict[str, Any] | None
   stored = _read(os.path.join(workdir, DONE_FILE))
   if stored is None:
     return None
-  now = reporting.to_python(config_dict)
-  difference = _first_difference(stored.get("config"), now, "config")
+  there = _without(stored.get("config"), CADENCE_FIELDS)
+  here = _without(_jsonable(config_dict), CADENCE_FIELDS)
+  difference = _first_difference(there, here, "config")
   if difference is not None:
     field, there, here = difference
     raise WorkdirMismatchError(
-        f"Workdir {workdir} holds a finished run of another config: {field} is {there!r} there "
-        f"and {here!r} here. Use another --workdir (or remove {workdir}/{DONE_FILE} to run in "
-        "this one again)."
+        f"Workdir {workdir} holds a finished run of another config: {field} is {_short(there)} "
+        f"there and {_short(here)} here. {advice(workdir)}"
     )
   return stored
 
@@ -211,11 +262,228 @@ def mark_finished(workdir: str, config_dict: dict[str, Any], result: Any, text: 
   reporting.save_json(workdir, DONE_FILE, {"config": config_dict, "result": result, "text": text})
 
 
-def _first_difference(a: Any, b: Any, prefix: str):
+def _first_difference(a: Any, b: Any, prefix: str, order=None):
   if isinstance(a, dict) and isinstance(b, dict):
-    for key in sorted(set(a) | set(b)):
+    keys = set(a) | set(b)
+    first = [k for k in (*(order or ()), "name") if k in keys]  # A section's name first.
+    ordered = first + sorted(keys - set(first))
+    for key in ordered:
       found = _first_difference(a.get(key), b.get(key), f"{prefix}.{key}")
       if found is not None:
         return found
     return None
   return None if a == b else (prefix, a, b)
+
+
+# ------------------------------------------------------------------ stage fingerprints
+
+
+def _jsonable(tree: Any) -> Any:
+  """`tree` as it reads back from JSON (tuples become lists, NaN None), for comparisons."""
+  return json.loads(json.dumps(reporting.to_python(tree), sort_keys=True))
+
+
+def _without(tree: Any, fields) -> Any:
+  """A copy of a nested dict without the dotted `fields` (`'selmix.log_every'`)."""
+  if not isinstance(tree, dict):
+    return tree
+  out = dict(tree)
+  for field in fields:
+    head, _, rest = field.partition(".")
+    if head not in out:
+      continue
+    if rest:
+      out[head] = _without(out[head], [rest])
+    else:
+      del out[head]
+  return out
+
+
+def _short(value: Any) -> str:
+  text = repr(value)
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
+def tree_digest(tree: Any) -> str:
+  """SHA-256 of a pytree's leaf paths, dtypes, shapes and bytes (host or device arrays)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.ascontiguousarray(jax.device_get(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
+    h.update(array.tobytes())
+  return h.hexdigest()
+
+
+def _split_fingerprint(split, num_classes: int) -> dict[str, Any] | None:
+  """Size, per-class counts and a digest of a split's labels, indices and sample pixels."""
+  if split is None:
+    return None
+  indices = np.asarray(split.indices, np.int64)
+  labels = np.asarray(split.labels, np.int32)
+  h = hashlib.sha256(indices.tobytes())
+  h.update(labels.tobytes())
+  # Evenly spaced examples' pixels (every source kind reads them; a decode-on-access source
+  # decodes only these), so the same indices into other images differ too.
+  sample = indices[np.linspace(0, len(indices) - 1, min(len(indices), _SAMPLE_IMAGES)).astype(int)]
+  if len(sample):
+    h.update(np.ascontiguousarray(split.source.get_images(sample)).tobytes())
+  return {
+      "size": int(len(indices)),
+      "class_counts": split.class_counts(num_classes).tolist(),
+      "digest": h.hexdigest()[:32],
+  }
+
+
+def data_fingerprint(datasets) -> dict[str, Any]:
+  """What a `pipeline.Datasets` holds: classes, image shape, normalisation, and per split
+  (labeled, unlabeled, val, test) its size, class counts and a digest (`_split_fingerprint`)."""
+  k = datasets.num_classes
+  return {
+      "class_names": list(datasets.class_names),
+      "image_shape": list(datasets.image_shape),
+      "mean": np.asarray(datasets.mean, np.float64).round(6).tolist(),
+      "std": np.asarray(datasets.std, np.float64).round(6).tolist(),
+      **{
+          f"{name}_split": _split_fingerprint(getattr(datasets, name), k)
+          for name in ("labeled", "unlabeled", "val", "test")
+      },
+  }
+
+
+def fingerprint(stage: str, config, datasets, *, init: Any = None) -> dict[str, Any]:
+  """What determines a stage's checkpoints (compared in `check_stage`).
+
+  Args:
+    stage: 'pretrain' or 'selmix'.
+    config: the run's config (ConfigDict or dict): every field but `CADENCE_FIELDS`,
+      `PATH_FIELDS` and the stage's `STAGE_IGNORES`.
+    datasets: the run's `pipeline.Datasets` (`data_fingerprint`).
+    init: fine-tuning: `(step, TrainState)` it starts from (the weights' `tree_digest`).
+  """
+  config_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  ignored = (*CADENCE_FIELDS, *PATH_FIELDS, *STAGE_IGNORES.get(stage, ()))
+  out = {
+      "stage": stage,
+      "config": _without(_jsonable(config_dict), ignored),
+      "data": _jsonable(data_fingerprint(datasets)),
+  }
+  if init is not None:
+    step, tree = init
+    out["init"] = {"step": int(step), "digest": tree_digest(tree)}
+  return out
+
+
+def _has_checkpoints(stage_dir: str) -> bool:
+  directory = os.path.join(stage_dir, "checkpoints")
+  return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def check_stage(stage_dir: str, fp: dict[str, Any]) -> None:
+  """Refuses a stage directory that holds another run; records `fp` there otherwise.
+
+  Call at the start of a stage, before its checkpoints are read or written. A directory without
+  `fingerprint.json` gets it (atomically, process 0); one whose checkpoints predate
+  fingerprints resumes with a warning (they cannot be checked).
+
+  Raises:
+    WorkdirMismatchError: `<stage_dir>/fingerprint.json` differs from `fp`; the message names
+      the first difference (its value there and here) and the ways out (`advice`).
+  """
+  path = os.path.join(stage_dir, FINGERPRINT_FILE)
+  error = None
+  if jax.process_index() == 0:
+    stored = _read(path)
+    if stored is None:
+      if _has_checkpoints(stage_dir):
+        logging.warning(
+            "%s has checkpoints but no %s (written before selmix-jax fingerprinted its "
+            "checkpoints): resuming them unchecked. If another config or data set wrote them, "
+            "stop and %s", stage_dir, FINGERPRINT_FILE, advice(_run_dir(stage_dir)),
+        )
+      os.makedirs(stage_dir, exist_ok=True)
+      reporting.write_json(path, fp)
+    else:
+      difference = _first_difference(
+          stored, _jsonable(fp), "fingerprint", order=("stage", "config", "data", "init")
+      )
+      if difference is not None:
+        field, there, here = difference
+        field = field.removeprefix("fingerprint.")
+        error = (
+            f"Workdir {stage_dir} holds checkpoints of another run: {field} is {_short(there)} "
+            f"there and {_short(here)} here. {advice(_run_dir(stage_dir))}"
+        )
+  if jax.process_count() > 1:
+    failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if failed and error is None:
+      error = f"Process 0 refused {stage_dir}: it holds checkpoints of another run (see its log)."
+  if error is not None:
+    raise WorkdirMismatchError(error)
+
+
+def _run_dir(stage_dir: str) -> str:
+  """The workdir `--restart` clears: the parent of a `pretrain`/`selmix` stage directory."""
+  stage_dir = os.path.normpath(stage_dir)
+  if os.path.basename(stage_dir) in _STAGE_DIRS:
+    return os.path.dirname(stage_dir)
+  return stage_dir
+
+
+# ------------------------------------------------------------------------- --restart
+
+# What this project writes in a workdir (and in its `pretrain`/`selmix` stage directories):
+# `clear` deletes these and nothing else.
+_STAGE_DIRS = ("pretrain", "selmix")
+_OWN_DIRS = ("checkpoints", "checkpoints.damaged", "checkpoints.eval_cache", "selmix_history")
+_OWN_FILES = (
+    DONE_FILE, "results.md", "summary.json", "before.json", WALL_TIME_FILE, FINGERPRINT_FILE,
+    "recalls.png", "pair_probs.png", "refresh_curves.png", "val_recalls.png",
+)  # fmt: skip
+_OWN_PATTERNS = ("events.out.tfevents.*", "*.json.tmp", f"{LOCK_FILE}.stale-*")
+
+
+def clear(workdir: str) -> list[str]:
+  """Deletes the run in `workdir` (process 0; hold `lock(workdir)`): what `--restart` does.
+
+  Only files and folders this project writes are removed (`_OWN_*`, also inside the `pretrain`
+  and `selmix` stage directories, which go when left empty); anything else stays, and is logged.
+  A symbolic link is removed, never what it points to.
+
+  Returns:
+    The removed paths (process 0; [] on the others).
+  """
+  removed = []
+  if jax.process_index() == 0 and os.path.isdir(workdir):
+    removed = _clear_dir(workdir, stages=True)
+    kept = sorted(set(os.listdir(workdir)) - {LOCK_FILE})
+    logging.info("--restart: removed %d entries of the earlier run in %s.", len(removed), workdir)
+    if kept:
+      logging.warning("--restart kept what selmix-jax did not write in %s: %s", workdir, kept)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("selmix_jax.workdir.clear")
+  return removed
+
+
+def _clear_dir(directory: str, *, stages: bool) -> list[str]:
+  removed = []
+  names = set(_OWN_FILES) | set(_OWN_DIRS)
+  for pattern in _OWN_PATTERNS:
+    names |= {os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(directory), pattern))}
+  for name in sorted(names):
+    path = os.path.join(directory, name)
+    if os.path.islink(path) or os.path.isfile(path):
+      os.unlink(path)
+    elif os.path.isdir(path):
+      shutil.rmtree(path)
+    else:
+      continue
+    removed.append(path)
+  if stages:
+    for stage in _STAGE_DIRS:
+      path = os.path.join(directory, stage)
+      if os.path.isdir(path) and not os.path.islink(path):
+        removed += _clear_dir(path, stages=False)
+        if not os.listdir(path):
+          os.rmdir(path)
+          removed.append(path)
+  return removed

@@ -1,9 +1,12 @@
 """Surviving pods: SIGTERM then resume equals an uninterrupted run, damaged and mismatched
 checkpoints, one run per workdir, finished runs (multi-host equality: test_multihost.py)."""
+import dataclasses
 import glob
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +16,7 @@ import types
 
 import jax
 import numpy as np
+import PIL.Image
 import pytest
 
 from selmix_jax import checkpointing
@@ -138,13 +142,16 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_previous_one_restored(
   manager.close()
 
 
-def test_resuming_with_another_model_fails_before_compute_naming_workdir_and_shapes(tmp_path):
+def test_legacy_checkpoints_of_another_model_fail_before_compute_naming_workdir_and_shapes(
+    tmp_path, caplog):
   config = default.get_config("tiny")
   with config.unlocked():
     config.mode = "pretrain"
     config.pretrain.num_steps = 6
   train.train_and_evaluate(config, str(tmp_path))
-  os.remove(tmp_path / "run.json")  # As after a killed run: checkpoints, no finished marker.
+  # As a killed run from before fingerprints: checkpoints, no finished marker, no fingerprint.
+  os.remove(tmp_path / "run.json")
+  os.remove(tmp_path / workdir_lib.FINGERPRINT_FILE)
   events = set(glob.glob(str(tmp_path / "events.out.tfevents.*")))
   with config.unlocked():
     config.model.kwargs.width = 16
@@ -154,7 +161,9 @@ def test_resuming_with_another_model_fails_before_compute_naming_workdir_and_sha
   message = str(error.value)
   assert str(tmp_path / "checkpoints") in message
   assert "'state/" in message and "has shape (8,) in the checkpoint but (16,)" in message
+  assert message.endswith(checkpointing.RESUME_ADVICE)
   assert set(glob.glob(str(tmp_path / "events.out.tfevents.*"))) == events
+  assert any("resuming them unchecked" in r.getMessage() for r in caplog.records)
 
 
 # ------------------------------------------------------------- one run per workdir, finished
@@ -195,18 +204,28 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
   assert glob.glob(str(tmp_path / f"{workdir_lib.LOCK_FILE}.stale-{dead.pid}"))
 
 
-def test_a_finished_run_reports_its_stored_results_without_computing(tmp_path, monkeypatch,
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A finished `default.py:tiny` run (pre-training + SelMix on digits): (workdir, result)."""
+  workdir = tmp_path_factory.mktemp("finished")
+  return workdir, train.train_and_evaluate(default.get_config("tiny"), str(workdir))
+
+
+def test_a_finished_run_reports_its_stored_results_without_computing(finished_run, monkeypatch,
                                                                      capsys):
-  config = default.get_config("tiny")
-  result = train.train_and_evaluate(config, str(tmp_path))
-  capsys.readouterr()
+  workdir, result = finished_run
 
   def no_compute(*args, **kwargs):
     raise AssertionError("a finished run must not load data or train again")
 
   monkeypatch.setattr(data, "build", no_compute)
   monkeypatch.setattr(finetune, "run", no_compute)
-  again = train.train_and_evaluate(default.get_config("tiny"), str(tmp_path))
+  capsys.readouterr()
+  again = default.get_config("tiny")
+  with again.unlocked():  # Cadence fields do not change the stored numbers.
+    again.selmix.log_every = 5
+    again.pretrain.checkpoint_every = 4
+  again = train.train_and_evaluate(again, str(workdir))
   assert again["after"]["test"]["confusion"] == reporting.to_python(
       result["after"]["test"]["confusion"]
   )
@@ -214,5 +233,132 @@ def test_a_finished_run_reports_its_stored_results_without_computing(tmp_path, m
   other = default.get_config("tiny")
   with other.unlocked():
     other.selmix.num_steps = 20
-  with pytest.raises(ValueError, match=r"config.selmix.num_steps is 12 there and 20 here"):
-    train.train_and_evaluate(other, str(tmp_path))
+  with pytest.raises(workdir_lib.WorkdirError) as error:
+    train.train_and_evaluate(other, str(workdir))
+  assert str(error.value) == (
+      f"Workdir {workdir} holds a finished run of another config: config.selmix.num_steps is "
+      f"12 there and 20 here. {workdir_lib.advice(str(workdir))}"
+  )
+  assert "--restart" in str(error.value) and "run.json" not in str(error.value)
+
+
+def _image_folder(root):
+  """A second, different data set: 3 classes of noisy 8x8 PNGs (train 40, test 6 a class)."""
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 40), ("test", 6)):
+    for c, name in enumerate("abc"):
+      (root / split / name).mkdir(parents=True)
+      for i in range(n):
+        pixels = np.clip(rng.normal(60 + 60 * c, 40, (8, 8, 3)), 0, 255).astype(np.uint8)
+        PIL.Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+
+
+def test_issue_26_another_data_set_in_a_workdir_is_refused_and_restart_runs_it_clean(
+    finished_run, tmp_path):
+  """The issue's scenario: a finished run on digits; the user removes run.json (the old advice)
+  and runs another data set with fewer steps in the same workdir. Once this printed the old
+  data's pre-trained numbers beside the new data's SelMix numbers, with exit 0."""
+  source, _ = finished_run
+  workdir = tmp_path / "workdir"
+  shutil.copytree(source, workdir)
+  os.remove(workdir / workdir_lib.DONE_FILE)
+  _image_folder(tmp_path / "images")
+  user_file = workdir / "notes.txt"  # Not ours: --restart keeps it.
+  user_file.write_text("mine")
+  args = [
+      sys.executable, _MAIN, f"--config={_REPO}/configs/default.py:tiny", f"--workdir={workdir}",
+      "--config.data.name=image_folder", f"--config.data.root={tmp_path / 'images'}",
+      "--config.data.labeled_max=30", "--config.data.val_per_class=5", "--config.data.cache_dir=",
+      "--config.pretrain.num_steps=8", "--config.selmix.num_steps=8",
+  ]  # fmt: skip
+  before = launch_helpers.checkpoint(workdir / "pretrain")
+  refused = subprocess.run(
+      args, env=launch_helpers.env_with_devices(4), capture_output=True, text=True, check=False)
+  message = (
+      f"Workdir {workdir}/pretrain holds checkpoints of another run: config.data.name is "
+      f"'digits' there and 'image_folder' here. Use a new --workdir, or pass --restart to delete "
+      f"the run in {workdir} (its checkpoints, summaries and tables) and start this one afresh."
+  )
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  assert message in refused.stderr and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+  assert "Resumed" not in refused.stderr
+  after = launch_helpers.checkpoint(workdir / "pretrain")
+  assert after[0] == before[0] == 12
+  jax.tree.map(np.testing.assert_array_equal, after[1], before[1])  # Untouched.
+
+  restarted = subprocess.run(
+      [*args, "--restart"], env=launch_helpers.env_with_devices(4), capture_output=True,
+      text=True, check=False,
+  )  # fmt: skip
+  assert restarted.returncode == 0, restarted.stderr[-3000:]
+  assert "Resumed" not in restarted.stderr
+  assert user_file.read_text() == "mine"
+  # Every number is the new data's: 3 classes, 18 test images, 8 + 8 steps, fresh history.
+  pre = json.load(open(workdir / "pretrain" / "summary.json"))
+  sel = json.load(open(workdir / "selmix" / "summary.json"))
+  for confusion in (pre["test"]["confusion"], sel["before"]["test"]["confusion"],
+                    sel["after"]["test"]["confusion"]):
+    assert np.asarray(confusion).shape == (3, 3) and np.sum(confusion) == 18
+  assert pre["test"] == sel["before"]["test"]
+  assert pre["steps"] == 8 and sel["steps"] == 8
+  assert launch_helpers.checkpoint(workdir / "pretrain")[0] == 8
+  assert sorted(os.listdir(workdir / "selmix" / "selmix_history")) == [
+      "refresh_0000000.npz", "refresh_0000004.npz"]
+  table = (workdir / "results.md").read_text()
+  assert table.startswith("# image_folder: pre-train -> SelMix")
+  assert f"| accuracy | {100 * pre['test']['accuracy']:.2f} |" in table
+
+
+def test_a_stage_refuses_another_fingerprint_and_ignores_cadence_fields(tmp_path):
+  config = default.get_config("tiny")
+  datasets = data.build(config.data)
+  stage = str(tmp_path / "pretrain")
+  workdir_lib.check_stage(stage, workdir_lib.fingerprint("pretrain", config, datasets))
+  stored = json.load(open(os.path.join(stage, workdir_lib.FINGERPRINT_FILE)))
+  assert stored["data"]["test_split"]["size"] == len(datasets.test)
+  assert stored["data"]["labeled_split"]["class_counts"] == datasets.labeled_class_counts.tolist()
+  with config.unlocked():  # Cadence, paths and the other stage's fields: the same fingerprint.
+    for field in workdir_lib.CADENCE_FIELDS:
+      section, name = field.split(".")
+      config[section][name] = 7 if name != "init_checkpoint" else "/elsewhere"
+    config.data.cache_dir = "/elsewhere"
+    config.selmix.temperature = 3.0
+    config.objective.name = "gmean_recall"
+  workdir_lib.check_stage(stage, workdir_lib.fingerprint("pretrain", config, datasets))
+  with config.unlocked():
+    config.pretrain.weight_decay = 0.0
+  with pytest.raises(workdir_lib.WorkdirError, match=re.escape(
+      "config.pretrain.weight_decay is 0.0005 there and 0.0 here. Use a new --workdir")):
+    workdir_lib.check_stage(stage, workdir_lib.fingerprint("pretrain", config, datasets))
+  # The same config on other data (another draw of the splits): the data differ.
+  config = default.get_config("tiny")
+  with pytest.raises(workdir_lib.WorkdirError, match=re.escape(
+      "data.labeled_split.digest is ")):
+    other = dataclasses.replace(datasets, labeled=dataclasses.replace(
+        datasets.labeled, indices=datasets.labeled.indices[::-1]))
+    workdir_lib.check_stage(stage, workdir_lib.fingerprint("pretrain", config, other))
+  with pytest.raises(workdir_lib.WorkdirError, match=re.escape(
+      "stage is 'pretrain' there and 'selmix' here")):
+    workdir_lib.check_stage(stage, workdir_lib.fingerprint("selmix", config, datasets))
+
+
+def test_restart_deletes_only_what_the_project_writes(tmp_path):
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  (outside / "keep.txt").write_text("x")
+  workdir = tmp_path / "w"
+  for stage in ("", "pretrain", "selmix"):
+    (workdir / stage / "checkpoints" / "12").mkdir(parents=True)
+    (workdir / stage / "summary.json").write_text("{}")
+    (workdir / stage / "events.out.tfevents.1.host").write_text("")
+  (workdir / "selmix" / "selmix_history").mkdir()
+  (workdir / "run.json").write_text("{}")
+  (workdir / "results.md").write_text("")
+  (workdir / "mine.txt").write_text("user")
+  (workdir / "selmix" / "mine").mkdir()
+  (workdir / "pretrain" / "checkpoints.eval_cache").symlink_to(outside)
+  removed = workdir_lib.clear(str(workdir))
+  assert sorted(os.listdir(workdir)) == ["mine.txt", "selmix"]
+  assert os.listdir(workdir / "selmix") == ["mine"]
+  assert (outside / "keep.txt").read_text() == "x"  # A link is removed, never its target.
+  assert str(workdir / "pretrain") in removed and str(workdir / "run.json") in removed
