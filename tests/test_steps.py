@@ -270,29 +270,73 @@ def test_selmix_fused_passes_equal_separate():
   _assert_trees_close(m_sep, m_fused, atol=1e-6)
 
 
-def test_fixmatch_step():
-  assert jax.local_device_count() == 4
-  step = functools.partial(
-    steps.fixmatch_step,
-    weak_fn=_noisy_preprocess,
-    strong_fn=_strong,
-    threshold=0.0,
-    logit_adjustment=LA,
-  )
-  state = _state(ema=True)
+def _fixmatch_batch():
   rng = np.random.default_rng(3)
-  batch = {
+  return {
     "labeled_images": _images(rng, B),
     "labels": rng.integers(0, K, B).astype(np.int32),
     "labeled_index": np.arange(B, dtype=np.int32),
     "unlabeled_images": _images(rng, 2 * B),
     "unlabeled_index": np.arange(2 * B, dtype=np.int32) + 1000,
   }
+
+
+def _fixmatch_oracle_logits(state, batch):
+  """float64 logits of the labeled, weak and strong views: one direct forward on their concat
+  (as the step does, so BatchNorm sees all three), with the step's per-example keys."""
+  key = jax.random.key(42)
+
+  def keys(stream, index):
+    return augment.example_keys(key, 0, jnp.asarray(index), stream=stream)
+
+  x_l = _noisy_preprocess(batch["labeled_images"], keys(0, batch["labeled_index"]))
+  x_uw = _noisy_preprocess(batch["unlabeled_images"], keys(1, batch["unlabeled_index"]))
+  x_us = _strong(batch["unlabeled_images"], keys(2, batch["unlabeled_index"]))
+  model = models.get("cnn_small", num_classes=K, width=4)  # no device axis outside pmap
+  logits, _ = jax.jit(functools.partial(model.apply, train=True, mutable=["batch_stats"]))(
+    {"params": state.params, "batch_stats": state.batch_stats},
+    jnp.concatenate([x_l, x_uw, x_us]),
+  )
+  return np.split(np.asarray(logits, np.float64), [B, 3 * B])
+
+
+def _log_softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_fixmatch_step_matches_a_numpy_oracle_at_a_fractional_threshold():
+  """Pseudo-labels = argmax of the weak view, kept where its confidence is >= the threshold;
+  CE of the strong view against them; logit-adjusted CE on the labeled view; EMA of the step."""
+  assert jax.local_device_count() == 4
+  state, batch = _state(ema=True), _fixmatch_batch()
+  logits_l, logits_uw, logits_us = _fixmatch_oracle_logits(state, batch)
+  probs_uw = np.exp(_log_softmax(logits_uw))
+  confidence, pseudo = probs_uw.max(-1), probs_uw.argmax(-1)
+  # A threshold strictly inside (0, 1), midway across the widest gap between the 5th and 12th
+  # most confident weak views: far from every confidence, so float rounding cannot move the mask.
+  ordered = np.sort(confidence)
+  gap = 4 + int(np.argmax(np.diff(ordered[4:12])))
+  threshold = float(ordered[gap] + ordered[gap + 1]) / 2
+  assert 0 < threshold < 1 and ordered[gap + 1] - ordered[gap] > 1e-3
+  mask = confidence >= threshold
+  assert 0 < mask.mean() < 1
+  unlabeled_loss = np.mean(mask * -_log_softmax(logits_us)[np.arange(2 * B), pseudo])
+  labeled_loss = np.mean(-_log_softmax(logits_l + np.asarray(LA))[np.arange(B), batch["labels"]])
+  # A step with the views swapped would report a loss 50x the tolerance away (the oracle tells).
+  swapped = np.mean(mask * -_log_softmax(logits_uw)[np.arange(2 * B), logits_us.argmax(-1)])
+  assert abs(swapped - unlabeled_loss) > 1e-3
+
+  step = functools.partial(
+    steps.fixmatch_step, weak_fn=_noisy_preprocess, strong_fn=_strong, threshold=threshold,
+    unlabeled_weight=2.0, logit_adjustment=LA,
+  )
   s4, (m4,) = _run(step, state, [batch], 4)
   assert set(m4) == {"loss", "labeled_loss", "unlabeled_loss", "mask_rate"}
-  np.testing.assert_allclose(m4["mask_rate"], 1.0)  # threshold 0 keeps every pseudo-label
-  np.testing.assert_allclose(m4["loss"], m4["labeled_loss"] + m4["unlabeled_loss"], rtol=1e-6)
-  assert np.all(np.isfinite(jax.tree.leaves(m4)))
+  np.testing.assert_allclose(m4["mask_rate"], mask.mean(), rtol=1e-6)
+  np.testing.assert_allclose(m4["unlabeled_loss"], unlabeled_loss, rtol=2e-5)
+  np.testing.assert_allclose(m4["labeled_loss"], labeled_loss, rtol=2e-5)
+  np.testing.assert_allclose(m4["loss"], labeled_loss + 2.0 * unlabeled_loss, rtol=2e-5)
   # EMA moved by (1 - decay) of the step: ema = 0.999 * old + 0.001 * new.
   _assert_trees_close(
     s4.ema_params,
