@@ -13,9 +13,14 @@ import pytest
 from selmix_jax.configs import default
 from selmix_jax import data
 from selmix_jax import finetune
+from selmix_jax import metrics
+from selmix_jax import objectives
+from selmix_jax import pretrain
 from selmix_jax import reporting
 from selmix_jax import sampling
 from selmix_jax import train
+
+import launch_helpers  # tests/launch_helpers.py
 
 
 class _Preempted(Exception):
@@ -81,50 +86,123 @@ def test_default_tiny_runs_on_four_devices_and_writes_outputs(uninterrupted):
     assert metric in table
 
 
-def test_resume_after_preemption_matches_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
+def _crash_at(monkeypatch, run_class, step):
+  """Makes `run_class.train_step` raise `_Preempted` at `step` (as a killed process)."""
+  original = run_class.train_step
+
+  def crashing(self, s):
+    if s == step:
+      raise _Preempted()
+    return original(self, s)
+
+  monkeypatch.setattr(run_class, "train_step", crashing)
+  return lambda: monkeypatch.setattr(run_class, "train_step", original)
+
+
+def _assert_same_checkpoints(dir_a, dir_b, step):
+  """The checkpoints at `step` (train state, EMA, optimiser, SelMix state) are bit-identical."""
+  trees = []
+  for directory in (dir_a, dir_b):
+    manager = ocp.CheckpointManager(os.path.join(directory, "checkpoints"))
+    assert manager.latest_step() == step, directory
+    trees.append(manager.restore(step, args=ocp.args.StandardRestore()))
+    manager.close()
+  assert jax.tree.structure(trees[0]) == jax.tree.structure(trees[1])
+  jax.tree.map(np.testing.assert_array_equal, *trees)
+
+
+def test_resume_after_crashes_in_both_stages_is_bit_identical(uninterrupted, tmp_path, monkeypatch,
+                                                              caplog):
+  """Killed in pre-training after its step-6 checkpoint, then in fine-tuning after its step-6
+  checkpoint: each stage resumes from step 6 and ends bit-identical to an uninterrupted run."""
   full_dir, full_result = uninterrupted
   workdir = str(tmp_path)
-  original_step = finetune._HostSteps.train_step
-
-  def preempting_step(self, step):
-    # Kill the fine-tuning stage before step 8 (its checkpoint at step 6 is the last one).
-    if step == 8:
-      raise _Preempted()
-    return original_step(self, step)
-
-  monkeypatch.setattr(finetune._HostSteps, "train_step", preempting_step)
+  restore = _crash_at(monkeypatch, pretrain._Run, 8)
   with pytest.raises(_Preempted):
     train.train_and_evaluate(default.get_config("tiny"), workdir)
-  monkeypatch.setattr(finetune._HostSteps, "train_step", original_step)
-  result = train.train_and_evaluate(default.get_config("tiny"), workdir)
-
-  step_a, params_a, selmix_a = _final_params(os.path.join(full_dir, "selmix"))
-  step_b, params_b, selmix_b = _final_params(os.path.join(workdir, "selmix"))
-  assert step_a == step_b == 12
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_a, params_b
-  )
-  np.testing.assert_allclose(selmix_a["pair_probs"], selmix_b["pair_probs"], rtol=1e-5)
+  restore()
+  restore = _crash_at(monkeypatch, finetune._HostSteps, 8)
+  with caplog.at_level(logging.INFO), pytest.raises(_Preempted):
+    train.train_and_evaluate(default.get_config("tiny"), workdir)
+  restore()
+  with caplog.at_level(logging.INFO):
+    result = train.train_and_evaluate(default.get_config("tiny"), workdir)
+  messages = [r.getMessage() for r in caplog.records]
+  assert "Resumed pre-training from step 6." in messages
+  assert "Resumed SelMix fine-tuning from step 6." in messages
+  for stage in ("pretrain", "selmix"):
+    _assert_same_checkpoints(os.path.join(full_dir, stage), os.path.join(workdir, stage), 12)
+    assert launch_helpers.summary(full_dir, stage) == launch_helpers.summary(workdir, stage)
   np.testing.assert_array_equal(
     full_result["after"]["test"]["confusion"], result["after"]["test"]["confusion"]
   )
 
 
-def test_checkpoint_of_another_model_is_rejected_clearly(uninterrupted, tmp_path):
+def _assert_summary_matches_counts(summary):
+  """Every reported metric of a `summary.json` entry equals the metric of its stored counts:
+  `metrics.summary` of them, and a numpy computation of accuracy and mean/min recall."""
+  counts = np.asarray(summary["confusion"], np.float64)
+  assert counts.sum() > 0 and np.array_equal(counts, np.round(counts))
+  recomputed = metrics.summary(counts)
+  for name in (*metrics.SCALAR_METRICS, "recall", "precision"):
+    np.testing.assert_allclose(
+      np.asarray(summary[name], np.float64), np.asarray(recomputed[name], np.float64),
+      rtol=1e-6, err_msg=name,
+    )
+  recall = np.diag(counts) / counts.sum(1)
+  np.testing.assert_allclose(summary["accuracy"], np.trace(counts) / counts.sum(), rtol=1e-6)
+  np.testing.assert_allclose(summary["mean_recall"], recall.mean(), rtol=1e-6)
+  np.testing.assert_allclose(summary["min_recall"], recall.min(), rtol=1e-6)
+
+
+def test_summaries_and_table_equal_the_metrics_of_the_stored_counts(uninterrupted):
+  workdir, _ = uninterrupted
+  pre = json.load(open(os.path.join(workdir, "pretrain", "summary.json")))
+  sel = json.load(open(os.path.join(workdir, "selmix", "summary.json")))
+  for entry in (pre["val"], pre["test"], *sel["before"].values(), *sel["after"].values()):
+    _assert_summary_matches_counts(entry)
+  # The fine-tuning stage started from the model the pre-training stage reported.
+  assert pre["test"]["confusion"] == sel["before"]["test"]["confusion"]
+  objective = objectives.from_config(default.get_config("tiny").objective)
+  for when in ("before", "after"):
+    target = objective.target(np.asarray(sel[when]["test"]["confusion"], np.float32))
+    np.testing.assert_allclose(sel[f"target_{when}"]["target"], float(target["target"]),
+                               rtol=1e-6)
+  # results.md: each cell is 100 x the metric of the stored test counts, to 2 decimals.
+  rows = {}
+  for line in open(os.path.join(workdir, "results.md")):
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if cells[0] in metrics.SCALAR_METRICS:
+      rows[cells[0]] = cells[1:]
+  assert sorted(rows) == sorted(metrics.SCALAR_METRICS)
+  for name, cells in rows.items():
+    expected = [
+      f"{100 * float(metrics.summary(np.asarray(c, np.float64))[name]):.2f}"
+      for c in (sel["before"]["test"]["confusion"], sel["after"]["test"]["confusion"])
+    ]
+    assert cells == expected, name
+
+
+def test_early_stop_ends_the_run_at_a_refresh_and_says_so(uninterrupted, tmp_path):
+  """early_stop with a window of 2 refreshes and a 100 % tolerance: the max gain of the second
+  refresh (step 4) is within it of the mean of the last two, so the run stops there."""
   full_dir, _ = uninterrupted
-  config = _finetune_config(full_dir)
-  with config.unlocked():
-    config.model.kwargs.width = 16  # the checkpoint holds width 8
-  with pytest.raises(ValueError, match="shape"):
-    train.train_and_evaluate(config, str(tmp_path))
+  result, workdir = _selmix_from(full_dir, tmp_path, "early", early_stop=True,
+                                 early_stop_window=2, early_stop_tol=1.0)
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert result["stopped_early"] is True and summary["stopped_early"] is True
+  assert summary["steps"] == 4 < summary["config"]["selmix"]["num_steps"] == 12
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  assert manager.latest_step() == 4  # The final checkpoint is where it stopped.
+  manager.close()
+  assert len(glob.glob(os.path.join(workdir, "selmix_history", "*.npz"))) == 2
+  assert "(4 fine-tuning steps" in open(os.path.join(workdir, "results.md")).read()
+  _assert_summary_matches_counts(summary["after"]["test"])
 
 
 @pytest.mark.parametrize(
   "field, value, error, match",
   [
-    ("objective.name", "min_recal", ValueError, "known objective"),
-    ("model.name", "resnet33", ValueError, "known model"),
-    ("data.name", "cifar11", ValueError, "known data set"),
     ("selmix.batch_size", 30, ValueError, "multiple of the number of devices"),
     ("selmix.bn_stats", "frozen", ValueError, "bn_stats='frozen'.*'batch'"),
     ("data.train_augment", "crop", ValueError, "train_augment='crop'.*random_resized_crop"),
@@ -141,20 +219,37 @@ def test_config_errors_fail_before_compute(field, value, error, match, tmp_path)
   assert not os.listdir(tmp_path), "nothing may be written before the config is validated"
 
 
-def test_missing_pretraining_checkpoint_is_reported(tmp_path):
-  config = default.get_config("tiny")
+@pytest.fixture(scope="module")
+def ssl_run(tmp_path_factory):
+  """A finished `default.py:tiny_ssl` run: FixMatch(LA) pre-training with EMA, then SelMix."""
+  workdir = tmp_path_factory.mktemp("ssl")
+  return workdir, train.train_and_evaluate(default.get_config("tiny_ssl"), str(workdir))
+
+
+def test_fixmatch_pretraining_resume_is_bit_identical_ema_included(ssl_run, tmp_path,
+                                                                   monkeypatch):
+  full_dir, _ = ssl_run
+  config = default.get_config("tiny_ssl")
   with config.unlocked():
-    config.mode = "selmix"
-    config.selmix.init_checkpoint = str(tmp_path / "nowhere")
-  with pytest.raises(FileNotFoundError, match="init_checkpoint"):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    config.mode = "pretrain"
+  restore = _crash_at(monkeypatch, pretrain._Run, 8)  # After the step-6 checkpoint.
+  with pytest.raises(_Preempted):
+    train.train_and_evaluate(config, str(tmp_path))
+  restore()
+  train.train_and_evaluate(config, str(tmp_path))
+  _assert_same_checkpoints(os.path.join(full_dir, "pretrain"), str(tmp_path), 12)
+  _, tree = launch_helpers.checkpoint(tmp_path)
+  assert tree["state"]["ema_params"] and tree["state"]["ema_batch_stats"]
+  resumed = json.load(open(os.path.join(tmp_path, "summary.json")))
+  full = launch_helpers.summary(full_dir, "pretrain")
+  assert resumed["val"] == full["val"] and resumed["test"] == full["test"]
 
 
-def test_semi_supervised_path_uses_pseudo_labelled_partners(tmp_path):
-  result = train.train_and_evaluate(default.get_config("tiny_ssl"), str(tmp_path))
-  pre = json.load(open(os.path.join(tmp_path, "pretrain", "summary.json")))
+def test_semi_supervised_path_uses_pseudo_labelled_partners(ssl_run, tmp_path):
+  workdir, result = ssl_run
+  pre = json.load(open(os.path.join(workdir, "pretrain", "summary.json")))
   assert pre["config"]["pretrain"]["method"] == "fixmatch"
-  _, _, selmix_state = _final_params(os.path.join(tmp_path, "selmix"))
+  _, _, selmix_state = _final_params(os.path.join(workdir, "selmix"))
   partner_labels = np.asarray(selmix_state["partner_labels"])
   # One pseudo-label per unlabeled example: 50 * 10^(-k/9) per class, summed.
   assert partner_labels.shape == (sum(max(int(50 * 10 ** (-k / 9)), 5) for k in range(10)),)
@@ -166,7 +261,7 @@ def test_semi_supervised_path_uses_pseudo_labelled_partners(tmp_path):
     config.mode = "selmix"
     config.selmix.partner_labels = "true"
     config.selmix.num_steps = 4
-    config.selmix.init_checkpoint = os.path.join(tmp_path, "pretrain", "checkpoints")
+    config.selmix.init_checkpoint = os.path.join(workdir, "pretrain", "checkpoints")
   train.train_and_evaluate(config, str(tmp_path / "true_labels"))
   _, _, oracle_state = _final_params(str(tmp_path / "true_labels"))
   true_labels = data.build(config.data).unlabeled.labels
