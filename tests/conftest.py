@@ -8,6 +8,7 @@ need.
 """
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -36,8 +37,42 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS is set)
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+
+# The registries a user extends (`objectives.register`, `pairs.register`, `data.register`,
+# `models`): (module, attribute) of each global dict.
+_REGISTRIES = (
+    ("selmix_jax.objectives", "_FACTORIES"), ("selmix_jax.objectives", "_ALIASES"),
+    ("selmix_jax.objectives", "_CACHE"), ("selmix_jax.pairs", "_REGISTRY"),
+    ("selmix_jax.data.datasets", "_REGISTRY"), ("selmix_jax.models", "_REGISTRY"),
+)  # fmt: skip
+
+
+@contextlib.contextmanager
+def isolated_registries():
+  """Registrations made inside the block are undone at its end (each registry's dict is
+  replaced by a copy for the block, and the original put back)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+
+  saved = []
+  for module_name, attr in _REGISTRIES:
+    module = importlib.import_module(module_name)
+    saved.append((module, attr, getattr(module, attr)))
+    setattr(module, attr, dict(getattr(module, attr)))
+  try:
+    yield
+  finally:
+    for module, attr, original in saved:
+      setattr(module, attr, original)
+
+
+@pytest.fixture
+def registries():
+  """A test's registrations (objectives, pair strategies, data sets, models) are undone after."""
+  with isolated_registries():
+    yield
 
 
 def pytest_report_header(config):

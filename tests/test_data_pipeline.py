@@ -193,7 +193,8 @@ def test_build_stl10_takes_the_unlabelled_split_by_default(tmp_path):
   np.testing.assert_array_equal(data.val.class_counts(10), [2] * 10)
 
 
-def test_a_registered_data_set_is_built_from_its_one_entry():
+def test_a_registered_data_set_is_built_from_its_one_entry(registries):
+  del registries  # Its registrations are undone after the test.
   from selmix_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
   def load(config, split):
@@ -277,7 +278,8 @@ def test_image_folder_test_split_with_an_unknown_class_fails_naming_the_folder(t
   assert len(pipeline.build(config).test) == 6
 
 
-def test_a_loader_whose_splits_disagree_on_the_classes_is_refused():
+def test_a_loader_whose_splits_disagree_on_the_classes_is_refused(registries):
+  del registries  # Its registrations are undone after the test.
   from selmix_jax.data import datasets  # pylint: disable=g-import-not-at-top
 
   def load(config, split):

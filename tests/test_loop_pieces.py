@@ -85,7 +85,8 @@ class _DiagonalPairs(pairs.PairStrategy):
     return idx1, idx2
 
 
-def test_user_registered_strategy():
+def test_user_registered_strategy(registries):
+  del registries  # Its registrations are undone after the test.
   pairs.register("test_diagonal", _DiagonalPairs, overwrite=True)
   labels = _labels()
   strategy = pairs.get("test_diagonal")(labels, labels, num_classes=K).refreshed(None, labels)

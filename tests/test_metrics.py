@@ -228,9 +228,14 @@ def test_vmap_of_grad_is_finite():
   stack = jnp.array([[[4.0, 1, 0], [1, 2, 1], [0, 0, 0]], [[3.0, 1, 0], [2, 2, 0], [1, 1, 0]]])
   for fn in (metrics.gmean_recall, metrics.hmean_recall):
     grads = jax.jit(jax.vmap(jax.grad(fn)))(stack)
-    assert np.isfinite(grads).all()
-  # At a zero recall the G-/H-mean are pinned at 0 and so is their gradient (documented).
-  np.testing.assert_array_equal(grads[1], np.zeros((3, 3)))
+    assert np.isfinite(grads).all(), fn.__name__
+    # Each vmapped gradient is its matrix's own (jax.grad of it alone).
+    for i in range(len(stack)):
+      np.testing.assert_allclose(grads[i], jax.grad(fn)(stack[i]), rtol=1e-6, atol=1e-7)
+    # At a zero recall the G-/H-mean are pinned at 0 and so is their gradient (documented);
+    # elsewhere it is not zero.
+    np.testing.assert_array_equal(grads[1], np.zeros((3, 3)), err_msg=fn.__name__)
+    assert np.abs(grads[0]).max() > 1e-3, fn.__name__
 
 
 def test_check_grads_where_smooth():

@@ -8,6 +8,8 @@ from jax import test_util as jtu
 import numpy as np
 import pytest
 
+import conftest  # tests/conftest.py
+
 from selmix_jax import gains
 from selmix_jax import metrics
 from selmix_jax import objectives
@@ -189,10 +191,31 @@ def test_unknown_hparam_is_an_error():
     objectives.get("min_recall", omgea=3.0)
 
 
-def test_shared_hparams_accepted_everywhere():
-  for name in SPEC_NAMES:
-    obj = objectives.get(name, omega=10, beta=0.5, alpha=0.9, tau=0.05, multiplier_max=10)
-    assert obj.name == name
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_shared_hparams_accepted_everywhere_and_used_where_they_apply(name):
+  """Every objective takes every shared hyperparameter; the ones it uses change its multipliers
+  and value as the NumPy references say, the others change nothing."""
+  shared = dict(omega=10.0, beta=0.5, alpha=0.9, tau=0.05, multiplier_max=10.0)
+  obj = objectives.get(name, **shared)
+  assert obj.name == name
+  cm = random_confusion(23)
+  init = np.asarray(obj.init_multipliers(K), np.float64)
+  m = np.asarray(obj.update_multipliers(obj.init_multipliers(K), cm), np.float64)
+  if name == "min_recall":
+    expected = np_min_recall_update(init, cm, omega=10.0, beta=0.5)
+  elif name == "min_head_tail_recall":
+    logits = -10.0 * np_head_tail(np_recalls(cm))
+    expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+  elif "coverage" in name:
+    cov = np_coverages(cm) if name.endswith("min_coverage") else np_head_tail(np_coverages(cm))
+    expected = np_coverage_update(cov, alpha=0.9, tau=0.05, lmax=10.0, num_classes=K)
+  else:
+    expected = np.zeros(0)
+  np.testing.assert_allclose(m, expected, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    obj.value(cm, jnp.asarray(m, jnp.float32)),
+    np_value(name, cm, m if m.size else None, alpha=0.9), rtol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
@@ -407,28 +430,48 @@ def test_check_grads_of_value():
 
 
 def test_value_inside_jit_with_multipliers_as_arguments():
+  """One trace serves every refresh (the multipliers are arguments), and what it computes is
+  the NumPy references': the multiplier update, psi's gradient (central differences of
+  `np_value`) and the target."""
   obj = objectives.get("hmean_min_coverage")
+  traces = []
 
   @jax.jit
   def refresh(multipliers, cm):
+    traces.append(1)
     multipliers = obj.update_multipliers(multipliers, cm)
     return multipliers, jax.grad(obj.value)(cm, multipliers), obj.target(cm)
 
-  multipliers, grad, target = refresh(
-    obj.init_multipliers(K), jnp.asarray(random_confusion(16), jnp.float32)
-  )
-  assert multipliers.shape == (K,) and grad.shape == (K, K)
-  assert set(target) >= {"target", "constraint_satisfied", "constraint_gap"}
+  for seed in (16, 17):
+    cm = random_confusion(seed)
+    previous = np.full(K, 0.5, np.float32) if seed == 17 else obj.init_multipliers(K)
+    multipliers, grad, target = refresh(previous, jnp.asarray(cm, jnp.float32))
+    expected = np_coverage_update(np_coverages(cm), alpha=0.95, tau=0.01, lmax=100.0,
+                                  num_classes=K)
+    np.testing.assert_allclose(multipliers, expected, rtol=1e-5, atol=1e-6)
+    eps, numeric = 1e-3, np.zeros((K, K))
+    for i in range(K):
+      for j in range(K):
+        step = np.zeros((K, K))
+        step[i, j] = eps
+        numeric[i, j] = (np_value(obj.name, cm + step, expected)
+                         - np_value(obj.name, cm - step, expected)) / (2 * eps)
+    np.testing.assert_allclose(grad, numeric, rtol=2e-3, atol=2e-6)
+    gaps = np_coverages(cm) - 0.95 / K
+    np.testing.assert_allclose(target["target"], np_hmean(np_recalls(cm)), rtol=1e-5)
+    np.testing.assert_allclose(target["constraint_gap"], gaps.min(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(target["constraint_satisfied"], gaps >= 0)
+    assert bool(target["all_constraints_satisfied"]) == bool((gaps >= 0).all())
+  assert len(traces) == 1
 
 
 # ---------------------------------------------------------------------- register
 
 
 @pytest.fixture
-def registry(monkeypatch):
-  """Registrations made in a test are undone afterwards."""
-  for attr in ("_FACTORIES", "_ALIASES", "_CACHE"):
-    monkeypatch.setattr(objectives, attr, dict(getattr(objectives, attr)))
+def registry(registries):
+  """Registrations made in a test are undone afterwards (conftest's `registries`)."""
+  del registries
 
 
 def test_register_plain_function(registry):
@@ -491,9 +534,15 @@ def test_register_errors(registry):
     objectives.register("half", metrics.accuracy, init_multipliers_fn=jnp.zeros)
 
 
-def test_registry_restored_after_tests():
-  assert "acc" not in objectives.names() and "weighted_recall" not in objectives.names()
+def test_the_registries_fixture_undoes_registrations():
+  builtin = objectives.get("min_recall")
+  with conftest.isolated_registries():
+    objectives.register("acc", metrics.accuracy)
+    assert objectives.get("acc").name == "acc" and "acc" in objectives.names()
+    assert any(key[0] == "acc" for key in objectives._CACHE)  # pylint: disable=protected-access
+  assert "acc" not in objectives.names() and not objectives.is_known("acc")
   assert not any(key[0] == "acc" for key in objectives._CACHE)  # pylint: disable=protected-access
+  assert objectives.get("min_recall") is builtin  # What was there before stays.
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)

@@ -93,7 +93,7 @@ def test_shards_tile_the_global_batch():
   ]
   for a, parts in zip(full, zip(*shards)):
     np.testing.assert_array_equal(a, np.concatenate(parts))
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=r"cannot take shard 0 of 4 from a batch of 63"):
     sampler.sample(table, 63, seed=0, step=5, num_shards=4)
 
 
@@ -143,13 +143,13 @@ def test_no_floor_and_only_impossible_pairs_raises():
   sampler = sampling.PairSampler(np.array([0, 0, 1]), num_classes=3)
   probs = np.zeros((3, 3))
   probs[2, 2] = 1.0
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=r"no mass on pairs with examples in both pools; use floor"):
     sampler.prepare(probs, floor=0.0)
   table = sampler.prepare(probs)  # the floor keeps the possible pairs alive
   np.testing.assert_allclose(table.probs[:2, :2], 0.25)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=r"pair_probs must be finite and non-negative"):
     sampler.prepare(-probs)
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match=r"labels must be < num_classes=3"):
     sampling.PairSampler(np.array([0, 3]), num_classes=3)
 
 
