@@ -2,7 +2,10 @@
 
 import json
 import os
+import queue
 import socket
+import threading
+import time
 
 import orbax.checkpoint as ocp
 
@@ -40,3 +43,48 @@ def checkpoint(workdir, step=None):
   tree = manager.restore(step, args=ocp.args.StandardRestore())
   manager.close()
   return step, tree
+
+
+class LineReader:
+  """Reads a text stream (a subprocess's stderr) line by line in a thread, so a test can wait
+  for a line with a real deadline (a plain `for line in stream` only checks one when a line
+  arrives, and hangs when none does)."""
+
+  def __init__(self, stream):
+    self._lines = []
+    self._queue = queue.Queue()
+    self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+    self._thread.start()
+
+  def _read(self, stream):
+    for line in stream:
+      self._queue.put(line)
+    self._queue.put(None)  # End of the stream.
+
+  def wait_for(self, text: str, timeout: float) -> bool:
+    """Whether a line containing `text` arrives within `timeout` seconds (False at the end of
+    the stream or the deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+      remaining = deadline - time.monotonic()
+      if remaining <= 0:
+        return False
+      try:
+        line = self._queue.get(timeout=remaining)
+      except queue.Empty:
+        return False
+      if line is None:
+        self._queue.put(None)
+        return False
+      self._lines.append(line)
+      if text in line:
+        return True
+
+  def text(self, timeout: float = 120) -> str:
+    """Everything read, once the stream has ended (waits up to `timeout` seconds for that)."""
+    self._thread.join(timeout)
+    while not self._queue.empty():
+      line = self._queue.get()
+      if line is not None:
+        self._lines.append(line)
+    return "".join(self._lines)

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import types
 
 import jax
@@ -56,17 +55,14 @@ def test_sigterm_checkpoints_and_the_resumed_run_ends_bit_identical(tmp_path):
   ]  # fmt: skip
   proc = subprocess.Popen(
       args, env=launch_helpers.env_with_devices(4), stderr=subprocess.PIPE, text=True)
-  log = []
-  deadline = time.time() + 240
-  for line in proc.stderr:  # Wait until fine-tuning is well into its first 100 steps.
-    log.append(line)
-    if "[13] train/" in line:
-      proc.send_signal(signal.SIGTERM)
-      break
-    assert time.time() < deadline, "".join(log[-20:])
-  log.append(proc.stderr.read())
+  reader = launch_helpers.LineReader(proc.stderr)
+  # Wait (with a real deadline) until fine-tuning is well into its first 100 steps.
+  if not reader.wait_for("[13] train/", timeout=240):
+    proc.kill()
+    pytest.fail("no '[13] train/' line within 240 s:\n" + reader.text()[-3000:])
+  proc.send_signal(signal.SIGTERM)
   proc.wait(timeout=120)
-  text = "".join(log)
+  text = reader.text()
   assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
   assert "Stopped by SIGTERM after step" in text
   stopped_at = int(text.split("Stopped by SIGTERM after step ")[1].split(";")[0])
@@ -170,27 +166,32 @@ def test_legacy_checkpoints_of_another_model_fail_before_compute_naming_workdir_
 
 
 def test_a_second_run_on_a_locked_workdir_fails_at_once_naming_the_pid(tmp_path):
+  # The holder keeps the lock until the test says so (a line on its stdin): no sleep to race.
   holder = subprocess.Popen(
       [sys.executable, "-c",
-       "import sys, time; from selmix_jax import workdir\n"
-       "with workdir.lock(sys.argv[1]):\n  print('locked', flush=True); time.sleep(60)",
+       "import sys; from selmix_jax import workdir\n"
+       "with workdir.lock(sys.argv[1]):\n  print('locked', flush=True); sys.stdin.readline()",
        str(tmp_path)],
-      stdout=subprocess.PIPE, text=True, cwd=_REPO,
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=_REPO,
   )  # fmt: skip
   try:
     assert holder.stdout.readline().strip() == "locked"
-    start = time.time()
     second = subprocess.run(
         [sys.executable, _MAIN, f"--config={_REPO}/configs/default.py:tiny",
          f"--workdir={tmp_path}"],
         capture_output=True, text=True, check=False, env=launch_helpers.env_with_devices(4),
+        timeout=300,
     )  # fmt: skip
-    assert second.returncode != 0
+    assert holder.poll() is None, "the holder must still hold the lock"
+    assert second.returncode == 2, second.stderr[-3000:]
     assert f"in use by PID {holder.pid}" in second.stderr
-    assert time.time() - start < 60 and not os.path.exists(tmp_path / "pretrain")
+    assert not os.path.exists(tmp_path / "pretrain")  # Refused before anything was written.
+    holder.communicate("release\n", timeout=60)
+    assert holder.returncode == 0 and not os.path.exists(tmp_path / workdir_lib.LOCK_FILE)
   finally:
-    holder.kill()
-    holder.wait()
+    if holder.poll() is None:
+      holder.kill()
+      holder.wait()
 
 
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
