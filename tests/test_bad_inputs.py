@@ -338,29 +338,42 @@ def _write_image_folder(root, splits):
         PIL.Image.new("RGB", (8, 8), (60 * "abcd".index(name), i, 0)).save(folder / f"{i}.png")
 
 
+def _folder_fields(root, **more):
+  return {"data.name": "image_folder", "data.root": str(root), "data.labeled_max": 30,
+          "data.val_per_class": 5, "data.cache_dir": "", **more}
+
+
 def test_image_folder_test_split_with_an_unknown_class_fails_naming_the_folder(tmp_path):
   root = tmp_path / "images"
   _write_image_folder(root, {"train": "abc", "test": "abcd"})
-  config = _config(**{
-      "data.name": "image_folder", "data.root": str(root), "data.labeled_max": 30,
-      "data.val_per_class": 5, "data.cache_dir": "",
-  })
   with pytest.raises(errors.DataError) as caught:
-    train.train_and_evaluate(config, str(tmp_path / "run"))
+    train.train_and_evaluate(_config(**_folder_fields(root)), str(tmp_path / "run"))
   _one_line(caught.value, _E(f"Class folder {root}/test/d is not a class of the"))
   assert not _summaries(tmp_path / "run")
+  # With config.data.class_names the listed classes are the data set: other folders are ignored.
+  datasets = data.build(_config(**_folder_fields(root, **{
+      "data.class_names": ("a", "b", "c")})).data)  # fmt: skip
+  assert datasets.class_names == ("a", "b", "c") and len(datasets.test) == 9
 
 
 def test_image_folder_test_split_missing_a_class_warns_and_keeps_the_ids(tmp_path, caplog):
   root = tmp_path / "images"
   _write_image_folder(root, {"train": "abc", "test": "ac"})
-  datasets = data.build(_config(**{
-      "data.name": "image_folder", "data.root": str(root), "data.labeled_max": 30,
-      "data.val_per_class": 5, "data.cache_dir": "",
-  }).data)
+  datasets = data.build(_config(**_folder_fields(root)).data)
+  assert datasets.class_names == ("a", "b", "c")
   assert datasets.test.class_counts(3).tolist() == [3, 0, 3]
+  # Test images of c keep c's id (2), not b's (1, their position in the test folder list).
+  np.testing.assert_array_equal(datasets.test.labels, [0, 0, 0, 2, 2, 2])
   assert any("test_split='test'" in r.getMessage() and "class 'b'" in r.getMessage()
-             for r in caplog.records)
+             for r in caplog.records if r.levelname == "WARNING")
+  # A model that is always right (it reads the class off the red value, 60 x its index) gets
+  # recall 1 on every class the test split has; the absent class b is left out, not 0.
+  images = datasets.test.source.get_images(datasets.test.indices)
+  preds = np.round(images[:, 0, 0, 0] / 60).astype(np.int32)
+  summary = metrics.summary(np.asarray(
+      jnp.zeros((3, 3)).at[datasets.test.labels, preds].add(1.0)))  # fmt: skip
+  assert float(summary["min_recall"]) == 1.0 and float(summary["mean_recall"]) == 1.0
+  assert int(summary["num_absent_classes"]) == 1
 
 
 # ------------------------------------------- data and workdir mistakes: one line, no compute
