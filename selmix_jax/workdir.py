@@ -9,9 +9,9 @@ whether its run has finished.
   checkpoints carry a fingerprint of what determines them (every config field that changes the
   numbers, the data: split sizes, class names and counts, a digest of labels, indices and sample
   pixels, and for fine-tuning the starting weights), written to `<stage dir>/fingerprint.json`
-  before its first checkpoint. Resuming with another fingerprint raises `WorkdirMismatchError` naming
-  the first difference (old and new value) before any checkpoint is read. Checkpoints from
-  before fingerprints resume with a warning.
+  before its first checkpoint. Resuming with another fingerprint raises `WorkdirMismatchError`
+  naming the first difference (old and new value) before any checkpoint is read. Checkpoints
+  from before fingerprints resume with a warning.
 - `finished(workdir, config)` / `mark_finished(...)`: a run that ended writes `run.json` (its
   config, result and results table); the same command run again gets the stored result back
   without compiling or evaluating anything, and another config on that workdir is refused with the
@@ -174,8 +174,8 @@ def _acquire(path: str, workdir: str) -> str | None:
       started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
       return (
           f"Workdir {workdir} is in use by PID {holder.get('pid')} on host {holder.get('host')} "
-          f"(since {started}). Wait for that run, or use another --workdir; if that process is "
-          f"gone, remove {path}."
+          f"(since {started}). Wait for that run, or use a new --workdir. Only if that process no "
+          f"longer runs (its host died), remove {path}: the same command then resumes its run."
       )
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       json.dump(me, f)
