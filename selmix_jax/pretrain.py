@@ -48,6 +48,9 @@ def run(
   Returns:
     `{'val': summary, 'test': summary, 'steps': int, 'wall_time_s': float}` of the final model.
   """
+  # Refuses checkpoints of another config or data set (`workdir.WorkdirError`) before reading
+  # (MiSLAS: this covers its stage 2 and final model here; stage 1 checks its own directory).
+  workdir_lib.check_stage(workdir, workdir_lib.fingerprint("pretrain", config, datasets))
   if config.pretrain.method == "mislas" and not mislas_stage1:
     stage1 = functools.partial(run, mislas_stage1=True)
     return mislas.run(config, workdir, datasets, stage1=stage1)
@@ -63,8 +66,6 @@ def run(
       decay_all=cfg.method == "mislas",  # As torch's SGD on their one parameter group.
   )
   state = train_state.create(model, jax.random.key(config.seed), ds.image_shape, tx, ema=use_ema)
-  # Refuses checkpoints of another config or data set (`workdir.WorkdirError`) before reading.
-  workdir_lib.check_stage(workdir, workdir_lib.fingerprint("pretrain", config, ds))
   manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"))
   restored, resumed_at = train_state.restore(manager, {"state": state})
   if resumed_at is not None:

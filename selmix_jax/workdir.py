@@ -58,7 +58,9 @@ CADENCE_FIELDS = (
 )  # fmt: skip
 # Paths: a stage's fingerprint holds what they lead to instead (the data's digest, the starting
 # weights'), so moved data or checkpoints still resume; `run.json` compares them as written.
-PATH_FIELDS = ("data.root", "data.data_dir", "data.cache_dir", "selmix.init_checkpoint")
+PATH_FIELDS = (
+    "data.root", "data.path", "data.data_dir", "data.cache_dir", "selmix.init_checkpoint",
+)  # fmt: skip
 # Config sections a stage does not read for what it checkpoints. Pre-training: not the
 # fine-tuning fields, the objective (its head_mask only labels reports) or the evaluation batch
 # size (its evaluations feed nothing back); fine-tuning: not the pre-training fields (the
@@ -431,13 +433,18 @@ def _run_dir(stage_dir: str) -> str:
 
 # ------------------------------------------------------------------------- --restart
 
-# What this project writes in a workdir (and in its `pretrain`/`selmix` stage directories):
-# `clear` deletes these and nothing else.
+# What this project writes in a workdir and in the directories it nests there (the `pretrain` and
+# `selmix` stages, MiSLAS's `stage1`/`stage2`, a frozen-backbone run's `features` cache and `model`
+# checkpoint): `clear` deletes these and nothing else.
 _STAGE_DIRS = ("pretrain", "selmix")
-_OWN_DIRS = ("checkpoints", "checkpoints.damaged", "checkpoints.eval_cache", "selmix_history")
+_NESTED_DIRS = (*_STAGE_DIRS, "stage1", "stage2", "features", "model")
+_OWN_DIRS = (
+    "checkpoints", "checkpoints.damaged", "checkpoints.eval_cache", "selmix_history", "head_init",
+)  # fmt: skip
 _OWN_FILES = (
     DONE_FILE, "results.md", "summary.json", "before.json", WALL_TIME_FILE, FINGERPRINT_FILE,
-    "recalls.png", "pair_probs.png", "refresh_curves.png", "val_recalls.png",
+    "recalls.png", "pair_probs.png", "refresh_curves.png", "val_recalls.png", "features.npz",
+    "key.json",
 )  # fmt: skip
 _OWN_PATTERNS = ("events.out.tfevents.*", "*.json.tmp", f"{LOCK_FILE}.stale-*")
 
@@ -445,8 +452,9 @@ _OWN_PATTERNS = ("events.out.tfevents.*", "*.json.tmp", f"{LOCK_FILE}.stale-*")
 def clear(workdir: str) -> list[str]:
   """Deletes the run in `workdir` (process 0; hold `lock(workdir)`): what `--restart` does.
 
-  Only files and folders this project writes are removed (`_OWN_*`, also inside the `pretrain`
-  and `selmix` stage directories, which go when left empty); anything else stays, and is logged.
+  Only files and folders this project writes are removed (`_OWN_*`, also inside the directories
+  it nests in a workdir, `_NESTED_DIRS`, which go when left empty); anything else stays, and is
+  logged.
   A symbolic link is removed, never what it points to.
 
   Returns:
@@ -454,7 +462,7 @@ def clear(workdir: str) -> list[str]:
   """
   removed = []
   if jax.process_index() == 0 and os.path.isdir(workdir):
-    removed = _clear_dir(workdir, stages=True)
+    removed = _clear_dir(workdir, depth=2)
     kept = sorted(set(os.listdir(workdir)) - {LOCK_FILE})
     logging.info("--restart: removed %d entries of the earlier run in %s.", len(removed), workdir)
     if kept:
@@ -464,7 +472,7 @@ def clear(workdir: str) -> list[str]:
   return removed
 
 
-def _clear_dir(directory: str, *, stages: bool) -> list[str]:
+def _clear_dir(directory: str, *, depth: int) -> list[str]:
   removed = []
   names = set(_OWN_FILES) | set(_OWN_DIRS)
   for pattern in _OWN_PATTERNS:
@@ -478,11 +486,11 @@ def _clear_dir(directory: str, *, stages: bool) -> list[str]:
     else:
       continue
     removed.append(path)
-  if stages:
-    for stage in _STAGE_DIRS:
-      path = os.path.join(directory, stage)
+  if depth > 0:  # <workdir>/pretrain/stage1, <workdir>/selmix/features, ...
+    for nested in _NESTED_DIRS:
+      path = os.path.join(directory, nested)
       if os.path.isdir(path) and not os.path.islink(path):
-        removed += _clear_dir(path, stages=False)
+        removed += _clear_dir(path, depth=depth - 1)
         if not os.listdir(path):
           os.rmdir(path)
           removed.append(path)

@@ -353,6 +353,10 @@ def test_restart_deletes_only_what_the_project_writes(tmp_path):
     (workdir / stage / "summary.json").write_text("{}")
     (workdir / stage / "events.out.tfevents.1.host").write_text("")
   (workdir / "selmix" / "selmix_history").mkdir()
+  (workdir / "pretrain" / "stage1" / "checkpoints" / "3").mkdir(parents=True)  # MiSLAS
+  (workdir / "selmix" / "features" / "head_init").mkdir(parents=True)  # A frozen backbone.
+  (workdir / "selmix" / "features" / "features.npz").write_text("")
+  (workdir / "selmix" / "model" / "checkpoints" / "12").mkdir(parents=True)
   (workdir / "run.json").write_text("{}")
   (workdir / "results.md").write_text("")
   (workdir / "mine.txt").write_text("user")
