@@ -140,7 +140,7 @@ def test_every_documented_field_is_declared_and_settable():
 def test_every_shipped_config_passes_validate(path, tmp_path):
   """`train.validate` accepts every variant we ship, all of its checks included: the path fields
   that name runs and data this machine may not have (`selmix.init_checkpoint`, an image
-  folder's `data.root`) are pointed at an existing folder first, so no variant can skip its
+  folder's `data.root`, a features file's `data.path`) are pointed at an existing folder first, so no variant can skip its
   range checks by failing on a path."""
   module = _load(path)
   variants = getattr(module, "VARIANTS", None) or _variants(path) or [""]
@@ -149,6 +149,8 @@ def test_every_shipped_config_passes_validate(path, tmp_path):
     with config.unlocked():
       if config.data.name == "image_folder":
         config.data.root = str(tmp_path)
+      if config.data.name == "features":  # An .npz of features, or a folder of .npy files.
+        config.data.path = str(tmp_path)
       if config.mode == "selmix":
         config.selmix.init_checkpoint = str(tmp_path)
     train.validate(config)
