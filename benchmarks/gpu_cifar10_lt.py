@@ -23,7 +23,6 @@ CNN, to check the whole script on a CPU in seconds.
 """
 
 import argparse
-import importlib.util
 import io
 import os
 import pathlib
@@ -102,27 +101,10 @@ SMOKE = {
 }
 
 
-def _import_configs():
-  """`selmix_jax.configs`: installed with the package, or this checkout's configs/ folder."""
-  try:
-    from selmix_jax import configs  # pylint: disable=g-import-not-at-top
-  except ImportError:  # A checkout used without `pip install -e .`.
-    spec = importlib.util.spec_from_file_location(
-      "selmix_jax.configs",
-      REPO / "configs" / "__init__.py",
-      submodule_search_locations=[str(REPO / "configs")],
-    )
-    configs = importlib.util.module_from_spec(spec)
-    sys.modules["selmix_jax.configs"] = configs
-    spec.loader.exec_module(configs)
-  return configs
-
-
 def make_config(variant: str, *, data: str, overrides: dict, seed: int = 0, init: str = "",
                 pretrain: str = "lace"):
   """configs/cifar10_lt_cpu.py's `variant` (`,mislas` added for `pretrain='mislas'`) with
   `overrides` ('section.field' or 'field')."""
-  _import_configs()
   from selmix_jax.configs import cifar10_lt_cpu  # pylint: disable=g-import-not-at-top
 
   config = cifar10_lt_cpu.get_config(variant + (",mislas" if pretrain == "mislas" else ""))

@@ -191,3 +191,17 @@ def test_image_folder_run_without_tensorflow(tmp_path, no_tensorflow):
   summary = json.load(open(workdir / "selmix" / "summary.json"))
   assert np.asarray(summary["after"]["test"]["confusion"]).sum() == 30
   assert glob.glob(str(workdir / "selmix" / "events.out.tfevents.*"))
+
+
+def test_a_checkout_without_install_finds_its_configs(tmp_path):
+  # `PYTHONPATH=<checkout>` alone (no site-packages, so no editable install): the configs/
+  # folder is `selmix_jax.configs`, as the installed package maps it.
+  code = (
+      "import importlib.util, sys; sys.path.insert(0, sys.argv[1]); "
+      "print(importlib.util.find_spec('selmix_jax.configs').origin)"
+  )
+  out = subprocess.run(
+      [sys.executable, "-S", "-c", code, _REPO], cwd=tmp_path, capture_output=True, text=True,
+      check=True,
+  ).stdout.strip()
+  assert out == os.path.join(_REPO, "configs", "__init__.py")
