@@ -64,7 +64,6 @@ import types
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import step_bench  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -140,8 +140,8 @@ def test_every_documented_field_is_declared_and_settable():
 def test_every_shipped_config_passes_validate(path, tmp_path):
   """`train.validate` accepts every variant we ship, all of its checks included: the path fields
   that name runs and data this machine may not have (`selmix.init_checkpoint`, an image
-  folder's `data.root`, a features file's `data.path`) are pointed at an existing folder first, so no variant can skip its
-  range checks by failing on a path."""
+  folder's `data.root`, a features file's `data.path`) are pointed at an existing folder first,
+  so no variant can skip its range checks by failing on a path."""
   module = _load(path)
   variants = getattr(module, "VARIANTS", None) or _variants(path) or [""]
   for arg in variants:

@@ -1,4 +1,4 @@
-"""MiSLAS pre-training: its loss pieces against NumPy oracles, its sampler, both stages end to end."""
+"""MiSLAS pre-training: loss pieces against NumPy oracles, its sampler, both stages end to end."""
 
 import json
 import os
