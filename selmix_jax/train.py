@@ -131,6 +131,11 @@ _SELMIX_RANGES = {
 }
 
 
+def _check_choice(section: ml_collections.ConfigDict, prefix: str, name: str, choices) -> None:
+  if section[name] not in choices:
+    raise ValueError(f"{prefix}.{name}={section[name]!r}; expected one of {choices}.")
+
+
 def _check_ranges(section: ml_collections.ConfigDict, prefix: str, ranges) -> None:
   for name, (ok, expected) in ranges.items():
     if name in section and not ok(section[name]):
@@ -160,17 +165,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _validate(config: ml_collections.ConfigDict) -> None:
-  if config.mode not in MODES:
-    raise ValueError(f"config.mode={config.mode!r}; expected one of {MODES}.")
+  _check_choice(config, "config", "mode", MODES)
   if config.model.name not in models.names():
     raise ValueError(
         f"config.model.name={config.model.name!r} is not a known model; "
         f"known: {', '.join(models.names())}."
     )
-  if config.model.dtype not in models.DTYPES:
-    raise ValueError(
-        f"config.model.dtype={config.model.dtype!r}; expected one of {models.DTYPES}."
-    )
+  _check_choice(config.model, "config.model", "dtype", models.DTYPES)
   models.check_kwargs(
       config.model.name, config.model.get("kwargs", {}), field="config.model.kwargs"
   )
@@ -232,14 +233,8 @@ def _validate_data(cfg: ml_collections.ConfigDict) -> None:
 def _validate_pretrain(config: ml_collections.ConfigDict) -> None:
   cfg = config.pretrain
   pipeline.check_global_batch(cfg.batch_size, field="config.pretrain.batch_size")
-  if cfg.method not in pretrain.METHODS:
-    raise ValueError(
-        f"config.pretrain.method={cfg.method!r}; expected one of {pretrain.METHODS}."
-    )
-  if cfg.schedule not in pretrain.SCHEDULES:
-    raise ValueError(
-        f"config.pretrain.schedule={cfg.schedule!r}; expected one of {pretrain.SCHEDULES}."
-    )
+  _check_choice(cfg, "config.pretrain", "method", pretrain.METHODS)
+  _check_choice(cfg, "config.pretrain", "schedule", pretrain.SCHEDULES)
   _check_ranges(cfg, "config.pretrain", _PRETRAIN_RANGES)
   if cfg.method == "fixmatch" and config.data.name == "features":
     raise ValueError(
@@ -275,15 +270,8 @@ def _validate_mislas(cfg: ml_collections.ConfigDict) -> None:
   if missing:
     raise ValueError(f"config.pretrain.mislas.{missing[0]} is missing.")
   _check_ranges(m, "config.pretrain.mislas", _MISLAS_RANGES)
-  if m.schedule not in mislas.SCHEDULES:
-    raise ValueError(
-        f"config.pretrain.mislas.schedule={m.schedule!r}; expected one of {mislas.SCHEDULES}."
-    )
-  if m.smooth_shape not in mislas.SMOOTHING_SHAPES:
-    raise ValueError(
-        f"config.pretrain.mislas.smooth_shape={m.smooth_shape!r}; expected one of "
-        f"{mislas.SMOOTHING_SHAPES}."
-    )
+  _check_choice(m, "config.pretrain.mislas", "schedule", mislas.SCHEDULES)
+  _check_choice(m, "config.pretrain.mislas", "smooth_shape", mislas.SMOOTHING_SHAPES)
   if m.schedule == "step" and m.warmup_epochs > m.stage1_epochs:
     raise ValueError(
         f"config.pretrain.mislas.warmup_epochs={m.warmup_epochs}: must be <= "
@@ -316,8 +304,7 @@ def _validate_selmix(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"config.selmix.train_backbone={cfg.train_backbone!r}: must be True or False."
     )
-  if cfg.gain_form not in gains.FORMS:
-    raise ValueError(f"config.selmix.gain_form={cfg.gain_form!r}; expected one of {gains.FORMS}.")
+  _check_choice(cfg, "config.selmix", "gain_form", gains.FORMS)
   if cfg.partner_pool not in ("labeled", "unlabeled"):
     raise ValueError(
         f"config.selmix.partner_pool={cfg.partner_pool!r}; expected 'labeled' or "
