@@ -139,9 +139,6 @@ def write_smoke_data(path: pathlib.Path, *, train: int = 40, test: int = 6) -> N
           archive.writestr(f"cifar10-jpeg/{split}/class{k}/{i:04d}.jpg", data.getvalue())
 
 
-PRETRAIN_METHOD = ["mislas"]  # set from --pretrain in main
-
-
 def _show_progress() -> None:
   """absl INFO lines (each stage's steps/s and ETA) on stderr, as under `app.run`."""
   from selmix_jax import loop  # pylint: disable=g-import-not-at-top
@@ -163,7 +160,6 @@ def _workdir(runs: pathlib.Path, seed: int, name: str) -> pathlib.Path:
 
 
 def _run_one(runs, data, overrides, variant_name, workdir, **kwargs):
-  kwargs.setdefault("pretrain", PRETRAIN_METHOD[0])
   from selmix_jax import train  # pylint: disable=g-import-not-at-top
 
   start = time.time()
@@ -177,7 +173,7 @@ def _run_one(runs, data, overrides, variant_name, workdir, **kwargs):
     out.write(line + "\n")
 
 
-def _run_many(runs, data, overrides, todo, init):
+def _run_many(runs, data, overrides, todo, init, pretrain):
   """`finetune.run_many`: the runs `todo` [(seed, variant)] in one program (states stacked,
   one vmapped step), each in its own workdir."""
   from selmix_jax import data as data_lib  # pylint: disable=g-import-not-at-top
@@ -188,7 +184,7 @@ def _run_many(runs, data, overrides, todo, init):
   for seed, name in todo:
     variant, extra = _variant_spec(name)
     configs.append(make_config(variant, data=data, overrides={**overrides, **extra}, seed=seed,
-                               init=init, pretrain=PRETRAIN_METHOD[0]))
+                               init=init, pretrain=pretrain))
     workdirs.append(_workdir(runs, seed, name))
   print(f"== {len(todo)} runs in one program: {todo}", flush=True)
   finetune.run_many(configs, workdirs, data_lib.build(configs[0].data))
@@ -279,7 +275,6 @@ def main():
   parser.add_argument("--smoke", action="store_true")
   args = parser.parse_args()
   started = time.time()
-  PRETRAIN_METHOD[0] = args.pretrain
   runs = pathlib.Path(args.runs)
   runs.mkdir(parents=True, exist_ok=True)
   overrides = {**(SMOKE if args.smoke else PAPER), **PRETRAIN[args.pretrain]}
@@ -300,23 +295,24 @@ def main():
   init = str(runs / "pretrain" / "checkpoints")
   if args.one:
     seed, name = int(args.one[0]), args.one[1]
-    _run_one(runs, data, overrides, name, _workdir(runs, seed, name), seed=seed, init=init)
+    _run_one(runs, data, overrides, name, _workdir(runs, seed, name), seed=seed, init=init,
+             pretrain=args.pretrain)
     return
   if args.many:
     todo = [(int(item.split(":", 1)[0]), item.split(":", 1)[1]) for item in args.many]
-    _run_many(runs, data, overrides, todo, init)
+    _run_many(runs, data, overrides, todo, init, args.pretrain)
     return
   print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].device_kind}, "
         f"pre-training {args.pretrain}", flush=True)
   if args.stage in ("all", "pretrain"):
-    _run_one(runs, data, overrides, "pretrain", runs / "pretrain")
+    _run_one(runs, data, overrides, "pretrain", runs / "pretrain", pretrain=args.pretrain)
   if args.stage in ("all", "finetune"):
     todo = [(seed, name) for seed in args.seeds for name in args.variants]
     deadline = started + args.deadline
     if args.jobs > 1:
       left = _run_parallel(args, runs, todo, deadline)
     elif args.together:
-      _run_many(runs, data, overrides, todo, init)
+      _run_many(runs, data, overrides, todo, init, args.pretrain)
       left = []
     else:
       left = []
@@ -325,7 +321,7 @@ def main():
           left = todo[i:]
           break
         _run_one(runs, data, overrides, name, _workdir(runs, seed, name), seed=seed,
-                 init=init)
+                 init=init, pretrain=args.pretrain)
     if left:
       print(f"deadline: {len(left)} run(s) not started ({left}); rerun the same command to "
             "continue (finished runs are skipped, interrupted ones resume).", flush=True)
